@@ -1,0 +1,118 @@
+"""`maintainer check`: everything that can be verified without changing anything.
+
+Files (already validated when the project loaded), then per target: connection, role, replica
+state, pooler, ledger privileges, each unit's own `check` block (missing privileges or
+extensions), and finally a dry run of every job so every template is rendered and every
+statement parsed against the real catalog.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import psycopg
+
+from maintainer import db
+from maintainer.project import Project
+from maintainer.runner import RunOptions, run
+from maintainer.units import split_statements
+
+
+@dataclass
+class Check:
+    level: Literal["ok", "warn", "error"]
+    subject: str
+    detail: str
+
+
+def run_checks(project: Project, *, connect: bool = True) -> list[Check]:
+    settings = project.settings
+    overridden = [u.name for u in project.units.values() if not u.builtin]
+    checks = [
+        Check("ok", "config", f"{project.path}: {len(settings.targets)} target(s), {len(project.jobs)} job(s)"),
+        Check("ok", "units", f"{len(project.units)} unit(s) parsed"
+              + (f"; user units: {', '.join(sorted(overridden))}" if overridden else "")),
+    ]
+    if not connect:
+        return checks
+    for name, target in sorted(settings.targets.items()):
+        checks.extend(_check_target(project, name))
+    for job in sorted(project.jobs.values(), key=lambda j: j.name):
+        for spec in project.run_specs(job):
+            result = run(spec, RunOptions(dry_run=True, trigger="check"))
+            subject = f"job {job.name} on {spec.target_name}" + (f" [{spec.item_label}]" if spec.item_label else "")
+            if result.status == "failed":
+                checks.append(Check("error", subject, result.error or "failed"))
+            else:
+                checks.append(Check("ok", subject, f"{len(result.findings)} finding(s), {len(result.actions)} statement(s) planned"))
+    return checks
+
+
+def _check_target(project: Project, name: str) -> list[Check]:
+    target = project.settings.targets[name]
+    subject = f"target {name}"
+    try:
+        conninfo = target.conninfo()
+    except OSError as exc:
+        return [Check("error", subject, f"cannot read dsn_file: {exc.strerror}")]
+    checks: list[Check] = []
+    if re.search(r"(:|port\s*=\s*)6432\b", conninfo):
+        checks.append(Check(
+            "warn", subject,
+            "the DSN uses port 6432, usually PgBouncer: transaction pooling breaks advisory locks and "
+            "CONCURRENTLY; use a direct connection (or declare pooled: true to refuse DDL units)",
+        ))
+    try:
+        conn = db.connect(conninfo, connect_timeout=5)
+    except db.TargetUnavailable as exc:
+        return [*checks, Check("error", subject, f"cannot connect: {exc}")]
+    try:
+        info = conn.execute(
+            "SELECT current_setting('server_version') AS version, current_user AS role,"
+            " pg_is_in_recovery() AS recovery, (SELECT rolsuper FROM pg_roles WHERE rolname = current_user) AS superuser,"
+            " has_database_privilege(current_database(), 'CREATE') AS can_create,"
+            " (SELECT has_schema_privilege(n.oid, 'CREATE') AND has_schema_privilege(n.oid, 'USAGE')"
+            "    FROM pg_namespace n WHERE nspname = %s) AS ledger_writable",
+            (project.settings.state_schema,),
+        ).fetchone()
+        assert info is not None
+        role = f"role {info['role']}" + (" (superuser)" if info["superuser"] else "")
+        checks.append(Check("ok", subject, f"connected: PostgreSQL {info['version']}, {role}"))
+        if info["recovery"]:
+            checks.append(Check("warn", subject, "is a replica in recovery: every run will be skipped"))
+        if info["ledger_writable"] is False or (info["ledger_writable"] is None and not info["can_create"]):
+            checks.append(Check(
+                "error", subject,
+                f"cannot create or write the ledger schema {project.settings.state_schema!r}: "
+                f"GRANT CREATE ON DATABASE to {info['role']} or create the schema for it",
+            ))
+        checks.extend(_unit_checks(project, name, conn))
+    except psycopg.Error as exc:
+        checks.append(Check("error", subject, db.error_summary(exc)))
+    finally:
+        conn.close()
+    return checks
+
+
+def _unit_checks(project: Project, target: str, conn: psycopg.Connection[Any]) -> list[Check]:
+    """Each used unit's `check` block: rows with `level` and `message` (missing grants, extensions)."""
+    checks: list[Check] = []
+    used = sorted({job.unit for job in project.jobs.values() if target in project.targets_of(job)})
+    for name in used:
+        unit = project.units[name]
+        if not unit.has_block("check"):
+            continue
+        text, values = unit.render_block("check", {"target": target, "params": {}, "args": {}})
+        for statement in split_statements(text, values):
+            with conn.transaction():
+                conn.execute("SET TRANSACTION READ ONLY")
+                with psycopg.RawCursor(conn) as cur:
+                    cur.execute(statement.sql, statement.params or None)
+                    rows = cur.fetchall() if cur.description else []
+            for row in rows:
+                level, message = str(row[0]), str(row[1])
+                checks.append(Check("warn" if level not in ("ok", "error") else level,  # type: ignore[arg-type]
+                                    f"unit {name} on {target}", message))
+    return checks

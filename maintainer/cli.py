@@ -1,0 +1,168 @@
+"""The `maintainer` command: parses arguments, calls the runner, prints results. No logic of its own."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import click
+from rich.console import Console
+
+from maintainer import output
+from maintainer.config import ConfigError
+from maintainer.project import Project, load_project, parse_args
+from maintainer.results import RunResult, exit_code
+from maintainer.runner import Progress, RunOptions, run
+
+stdout = Console(soft_wrap=True)
+stderr = Console(stderr=True, soft_wrap=True)
+
+config_option = click.option(
+    "--config", "config", metavar="PATH", default=None,
+    help="maintainer.yaml (default: $MAINTAINER_CONFIG, else ./maintainer.yaml)",
+)
+
+
+def _load(config: str | None) -> Project:
+    try:
+        return load_project(config)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            stderr.print(f"[red]error:[/red] {problem}", markup=True, highlight=False)
+        sys.exit(2)
+
+
+@contextmanager
+def _usage_errors() -> Iterator[None]:
+    try:
+        yield
+    except ConfigError as exc:
+        for problem in exc.problems:
+            stderr.print(f"[red]error:[/red] {problem}", markup=True, highlight=False)
+        sys.exit(2)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="pg-maintainer")
+def main() -> None:
+    """Keeps PostgreSQL healthy: partitions, autovacuum, reindex, GDPR sweeps, sequence headroom."""
+
+
+@main.command()
+@config_option
+@click.option("--json", "as_json", is_flag=True, help="one JSON object on stdout")
+def jobs(config: str | None, as_json: bool) -> None:
+    """Jobs, schedules, targets, next run and last result."""
+    project = _load(config)
+    rows = output.job_rows(project)
+    if as_json:
+        click.echo(json.dumps({"jobs": rows}, default=str))
+    else:
+        output.print_jobs(stdout, rows)
+
+
+def _run_job(
+    project: Project, job_name: str, target: str | None, arg_pairs: tuple[str, ...], dry_run: bool,
+    progress: Callable[[Progress], None] | None, trigger: str = "manual",
+) -> list[RunResult]:
+    with _usage_errors():
+        job = project.job(job_name)
+        args = parse_args(list(arg_pairs))
+        specs = project.run_specs(job, target)
+    if not specs:
+        stderr.print(f"job {job_name!r} has no targets to run on")
+        sys.exit(2)
+    return [run(spec, RunOptions(trigger=trigger, args=args, dry_run=dry_run, progress=progress)) for spec in specs]
+
+
+target_option = click.option("-t", "--target", default=None, help="only this target")
+arg_option = click.option("--arg", "args", multiple=True, metavar="K=V", help="a value for the unit (bound, never interpolated)")
+
+
+@main.command()
+@click.argument("job")
+@target_option
+@arg_option
+@config_option
+@click.option("--json", "as_json", is_flag=True)
+def plan(job: str, target: str | None, args: tuple[str, ...], config: str | None, as_json: bool) -> None:
+    """Dry run: the exact SQL JOB would run, and the findings that call for it. Changes nothing."""
+    project = _load(config)
+    results = _run_job(project, job, target, args, dry_run=True, progress=None)
+    _emit(results, as_json, show_sql=True)
+
+
+@main.command()
+@click.argument("job")
+@target_option
+@arg_option
+@config_option
+@click.option("--dry-run", is_flag=True, help="plan only; nothing is changed or recorded")
+@click.option("--json", "as_json", is_flag=True)
+def trigger(job: str, target: str | None, args: tuple[str, ...], config: str | None, dry_run: bool, as_json: bool) -> None:
+    """Run JOB now, by hand."""
+    project = _load(config)
+    with output.progress_reporter(stderr, enabled=not as_json and stderr.is_terminal) as progress:
+        results = _run_job(project, job, target, args, dry_run=dry_run, progress=progress)
+    _emit(results, as_json, show_sql=dry_run)
+
+
+def _emit(results: list[RunResult], as_json: bool, show_sql: bool) -> None:
+    if as_json:
+        click.echo(json.dumps({"runs": [r.to_json() for r in results]}, default=str))
+    else:
+        for result in results:
+            output.print_run(stdout, result, show_sql=show_sql)
+    sys.exit(exit_code(results))
+
+
+@main.command()
+@config_option
+@click.option("--offline", is_flag=True, help="validate files only; do not connect to targets")
+def check(config: str | None, offline: bool) -> None:
+    """Validate config, jobs and units; connect; render and parse every job's SQL; privileges."""
+    from maintainer.checks import run_checks
+
+    project = _load(config)
+    report = run_checks(project, connect=not offline)
+    output.print_checks(stdout, report)
+    sys.exit(2 if any(c.level == "error" for c in report) else 0)
+
+
+@main.command()
+@click.argument("job", required=False)
+@click.option("-n", "limit", default=20, show_default=True, help="runs per target")
+@config_option
+@click.option("--json", "as_json", is_flag=True)
+def history(job: str | None, limit: int, config: str | None, as_json: bool) -> None:
+    """Recent runs from the ledger of every target."""
+    project = _load(config)
+    if job is not None:
+        with _usage_errors():
+            project.job(job)
+    runs = output.collect_history(project, job, limit)
+    if as_json:
+        click.echo(json.dumps({"runs": runs}, default=str))
+    else:
+        output.print_history(stdout, runs)
+
+
+@main.command()
+@click.option("--keep", is_flag=True, help="leave the embedded server running and print its DSN")
+@click.option("--dir", "workdir", default=".demo", show_default=True, help="where the demo keeps its files")
+def demo(keep: bool, workdir: str) -> None:
+    """Embedded PostgreSQL + the sample schema; every built-in job once."""
+    from maintainer.demo import run_demo
+
+    sys.exit(run_demo(stdout, workdir=workdir, keep=keep))
+
+
+def _print_json(data: Any) -> None:
+    click.echo(json.dumps(data, default=str))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,105 @@
+"""Connections, session settings, advisory locks and SQLSTATE classification.
+
+Every run uses its own direct connection (never a transaction-mode pooler): session advisory
+locks and `CONCURRENTLY` need a real session.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from datetime import timedelta
+from typing import Any
+
+import psycopg
+from psycopg import sql
+from psycopg.rows import dict_row
+
+from maintainer.values import format_duration
+
+APPLICATION_NAME = "pg-maintainer"
+
+# Lock not available (lock_timeout), deadlock, serialization failure: the same statement may well
+# succeed a moment later. Connection-class errors (08xxx) and an administrator's shutdown too.
+TRANSIENT_SQLSTATES = {"55P03", "40P01", "40001", "57P01", "57P02", "57P03"}
+
+
+class TargetUnavailable(Exception):
+    """The target database cannot be reached; the message carries no credentials."""
+
+
+def redact_dsn(text: str) -> str:
+    """Remove passwords from anything that may contain a connection string."""
+    text = re.sub(r"(postgres(?:ql)?://[^:/@\s]*:)[^@\s]*@", r"\1***@", text)
+    return re.sub(r"(password\s*=\s*)('[^']*'|\S+)", r"\1***", text, flags=re.IGNORECASE)
+
+
+def connect(conninfo: str, *, application_name: str = APPLICATION_NAME, connect_timeout: int = 10) -> psycopg.Connection[Any]:
+    """A direct autocommit connection; transactions are opened explicitly by the runner."""
+    try:
+        return psycopg.connect(
+            conninfo,
+            autocommit=True,
+            application_name=application_name,
+            connect_timeout=connect_timeout,
+            row_factory=dict_row,  # type: ignore[arg-type]
+        )
+    except psycopg.OperationalError as exc:
+        raise TargetUnavailable(redact_dsn(str(exc).strip().splitlines()[0] if str(exc).strip() else "connection failed")) from None
+
+
+def set_timeouts(conn: psycopg.Connection[Any], *, lock_timeout: timedelta, statement_timeout: timedelta) -> None:
+    """Session-level timeouts: every statement of the run inherits them."""
+    conn.execute(
+        "SELECT set_config('lock_timeout', %s, false), set_config('statement_timeout', %s, false)",
+        (format_duration(lock_timeout), format_duration(statement_timeout)),
+    )
+
+
+def is_in_recovery(conn: psycopg.Connection[Any]) -> bool:
+    row = conn.execute("SELECT pg_is_in_recovery() AS recovery").fetchone()
+    return bool(row and row["recovery"])  # type: ignore[call-overload]
+
+
+def advisory_key(*parts: str) -> int:
+    """A stable signed 64-bit key for (job, target, item); identical in every replica."""
+    digest = hashlib.sha256("\x1f".join(("pg-maintainer", *parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "big", signed=True)
+
+
+def try_advisory_lock(conn: psycopg.Connection[Any], key: int) -> bool:
+    row = conn.execute("SELECT pg_try_advisory_lock(%s) AS locked", (key,)).fetchone()
+    return bool(row and row["locked"])  # type: ignore[call-overload]
+
+
+def advisory_unlock(conn: psycopg.Connection[Any], key: int) -> None:
+    if not conn.closed:
+        conn.execute("SELECT pg_advisory_unlock(%s)", (key,))
+
+
+def sqlstate_of(exc: BaseException) -> str | None:
+    return getattr(exc, "sqlstate", None)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Worth retrying: lock timeouts, deadlocks, serialization failures and lost connections."""
+    state = sqlstate_of(exc)
+    if state in TRANSIENT_SQLSTATES or (state or "").startswith("08"):
+        return True
+    # A dropped connection surfaces as OperationalError without a SQLSTATE.
+    return isinstance(exc, psycopg.OperationalError) and state is None
+
+
+def error_summary(exc: BaseException, *, sensitive: bool = False) -> str:
+    """The primary message only: DETAIL and CONTEXT can quote row values (`Key (email)=(…)`)."""
+    state = sqlstate_of(exc)
+    if sensitive and state:
+        return f"{type(exc).__name__} (SQLSTATE {state})"
+    diag = getattr(exc, "diag", None)
+    primary = getattr(diag, "message_primary", None) if diag is not None else None
+    message = primary or (str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
+    return redact_dsn(message)
+
+
+def quote_ident(*parts: str) -> str:
+    return sql.Identifier(*parts).as_string(None)

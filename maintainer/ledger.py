@@ -1,0 +1,269 @@
+"""The ledger: run history kept inside each target (`<state_schema>.run`, `.action`, `.finding`).
+
+History lives next to the data it describes, so it survives restarts and is shared by every
+replica of the daemon. The DDL is versioned; each version is applied once under a transaction
+advisory lock so replicas starting together do not race. A run is inserted as `running` when it
+starts (so an interrupted run leaves a trace) and completed when it ends; the next holder of the
+same lock marks such leftovers as interrupted instead of leaving them "running" forever.
+
+Nothing stored here is secret: rendered SQL carries `$n` placeholders, never bound values, and
+errors are primary messages only (no DETAIL, which can quote row values).
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import os
+import socket
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from datetime import datetime, timedelta
+from typing import Any
+
+import psycopg
+from psycopg import sql
+from psycopg.types.json import Jsonb
+
+from maintainer.db import advisory_key
+
+LEDGER_VERSION = 1
+
+_MIGRATIONS: dict[int, str] = {
+    1: """
+    CREATE TABLE IF NOT EXISTS {schema}.schema_version (
+        version    integer PRIMARY KEY,
+        applied_at timestamptz NOT NULL DEFAULT now()
+    );
+    CREATE TABLE IF NOT EXISTS {schema}.run (
+        id           bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        job          text NOT NULL,
+        unit         text NOT NULL,
+        target       text NOT NULL,
+        item         text,
+        lock_key     bigint NOT NULL,
+        trigger      text NOT NULL,
+        triggered_by text,
+        host         text,
+        status       text NOT NULL CHECK (status IN ('running', 'ok', 'failed', 'skipped', 'interrupted')),
+        started_at   timestamptz NOT NULL DEFAULT now(),
+        finished_at  timestamptz,
+        attempts     integer NOT NULL DEFAULT 0,
+        sqlstate     text,
+        error        text,
+        params       jsonb,
+        summary      jsonb
+    );
+    CREATE INDEX IF NOT EXISTS run_job_started ON {schema}.run (job, target, started_at DESC);
+    CREATE INDEX IF NOT EXISTS run_started ON {schema}.run (started_at);
+    CREATE INDEX IF NOT EXISTS run_running ON {schema}.run (lock_key) WHERE status = 'running';
+    CREATE TABLE IF NOT EXISTS {schema}.action (
+        run_id   bigint NOT NULL REFERENCES {schema}.run (id) ON DELETE CASCADE,
+        seq      integer NOT NULL,
+        sql      text NOT NULL,
+        status   text NOT NULL,
+        rows     bigint,
+        seconds  double precision,
+        attempts integer NOT NULL DEFAULT 1,
+        sqlstate text,
+        PRIMARY KEY (run_id, seq)
+    );
+    CREATE TABLE IF NOT EXISTS {schema}.finding (
+        run_id bigint NOT NULL REFERENCES {schema}.run (id) ON DELETE CASCADE,
+        seq    integer NOT NULL,
+        level  text,
+        data   jsonb NOT NULL,
+        PRIMARY KEY (run_id, seq)
+    );
+    """,
+}
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    return str(value)
+
+
+def to_jsonb(value: Any) -> Jsonb:
+    return Jsonb(value, dumps=lambda v: json.dumps(v, default=_json_default))
+
+
+def who_triggered(trigger: str) -> str | None:
+    """For manual runs, the operator as the environment knows them (never a credential)."""
+    if trigger == "schedule":
+        return None
+    for variable in ("MAINTAINER_USER", "SUDO_USER", "USER", "LOGNAME"):
+        if os.environ.get(variable):
+            return os.environ[variable]
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return None
+
+
+class Ledger:
+    """Writes and reads run history in one target; uses its own autocommit connection."""
+
+    def __init__(self, conn: psycopg.Connection[Any], schema: str) -> None:
+        self.conn = conn
+        self.schema = schema
+        self._s = sql.Identifier(schema)
+
+    # -- schema ---------------------------------------------------------------------------------
+
+    def current_version(self) -> int:
+        row = self.conn.execute(
+            "SELECT to_regclass(%s) IS NOT NULL AS present", (f"{sql.Identifier(self.schema).as_string(None)}.schema_version",)
+        ).fetchone()
+        if not row or not row["present"]:  # type: ignore[call-overload]
+            return 0
+        version = self.conn.execute(
+            sql.SQL("SELECT coalesce(max(version), 0) AS v FROM {}.schema_version").format(self._s)
+        ).fetchone()
+        return int(version["v"]) if version else 0  # type: ignore[call-overload]
+
+    def ensure(self) -> None:
+        """Create or upgrade the ledger tables; cheap when they are current."""
+        if self.current_version() >= LEDGER_VERSION:
+            return
+        with self.conn.transaction():
+            self.conn.execute("SELECT pg_advisory_xact_lock(%s)", (advisory_key("ledger", self.schema),))
+            self.conn.execute("SET LOCAL lock_timeout = '10s'")
+            self.conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(self._s))
+            version = self.current_version()
+            for number in sorted(_MIGRATIONS):
+                if number <= version:
+                    continue
+                for statement in _MIGRATIONS[number].split(";"):
+                    if statement.strip():
+                        self.conn.execute(sql.SQL(statement.replace("{schema}", "{s}")).format(s=self._s))  # type: ignore[arg-type]
+                self.conn.execute(
+                    sql.SQL("INSERT INTO {}.schema_version (version) VALUES (%s)").format(self._s), (number,)
+                )
+
+    # -- runs -----------------------------------------------------------------------------------
+
+    def start_run(
+        self, *, job: str, unit: str, target: str, item: str | None, lock_key: int, trigger: str,
+        params: dict[str, Any], status: str = "running",
+    ) -> int:
+        row = self.conn.execute(
+            sql.SQL(
+                "INSERT INTO {}.run (job, unit, target, item, lock_key, trigger, triggered_by, host, status, params)"
+                " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING id"
+            ).format(self._s),
+            (job, unit, target, item, lock_key, trigger, who_triggered(trigger), socket.gethostname(), status,
+             to_jsonb(params)),
+        ).fetchone()
+        assert row is not None
+        return int(row["id"])  # type: ignore[call-overload]
+
+    def mark_interrupted(self, lock_key: int, current_run: int) -> int:
+        """Earlier runs of this lock still `running` died with their process: say so."""
+        cur = self.conn.execute(
+            sql.SQL(
+                "UPDATE {}.run SET status = 'interrupted', finished_at = now(),"
+                " error = 'interrupted: the process ended before the run finished'"
+                " WHERE lock_key = %s AND status = 'running' AND id <> %s"
+            ).format(self._s),
+            (lock_key, current_run),
+        )
+        return cur.rowcount
+
+    def finish_run(
+        self, run_id: int, *, status: str, attempts: int, sqlstate: str | None, error: str | None,
+        actions: Sequence[dict[str, Any]], findings: Sequence[dict[str, Any]], summary: dict[str, Any] | None,
+        level_field: str | None,
+    ) -> None:
+        with self.conn.transaction():
+            self.conn.execute(
+                sql.SQL(
+                    "UPDATE {}.run SET status = %s, finished_at = now(), attempts = %s, sqlstate = %s,"
+                    " error = %s, summary = %s WHERE id = %s"
+                ).format(self._s),
+                (status, attempts, sqlstate, error, to_jsonb(summary) if summary is not None else None, run_id),
+            )
+            with self.conn.cursor() as cur:
+                if actions:
+                    cur.executemany(
+                        sql.SQL(
+                            "INSERT INTO {}.action (run_id, seq, sql, status, rows, seconds, attempts, sqlstate)"
+                            " VALUES (%s, %s, %s, %s, %s, %s, %s, %s)"
+                        ).format(self._s),
+                        [
+                            (run_id, i, a["sql"], a["status"], a.get("rows"), a.get("seconds"),
+                             a.get("attempts", 1), a.get("sqlstate"))
+                            for i, a in enumerate(actions, 1)
+                        ],
+                    )
+                if findings:
+                    cur.executemany(
+                        sql.SQL("INSERT INTO {}.finding (run_id, seq, level, data) VALUES (%s, %s, %s, %s)").format(
+                            self._s
+                        ),
+                        [
+                            (run_id, i, (f.get(level_field) if level_field else None), to_jsonb(f))
+                            for i, f in enumerate(findings, 1)
+                        ],
+                    )
+
+    def purge(self, older_than: timedelta) -> int:
+        cur = self.conn.execute(
+            sql.SQL("DELETE FROM {}.run WHERE started_at < now() - %s::interval AND status <> 'running'").format(
+                self._s
+            ),
+            (older_than,),
+        )
+        return cur.rowcount
+
+    # -- reading --------------------------------------------------------------------------------
+
+    def history(self, job: str | None = None, limit: int = 20) -> list[dict[str, Any]]:
+        if self.current_version() == 0:
+            return []
+        where = sql.SQL("WHERE job = %s") if job else sql.SQL("")
+        params: tuple[Any, ...] = (job, limit) if job else (limit,)
+        rows = self.conn.execute(
+            sql.SQL(
+                "SELECT id, job, unit, target, item, trigger, triggered_by, host, status, started_at, finished_at,"
+                " attempts, sqlstate, error, summary,"
+                " (SELECT count(*) FROM {s}.action a WHERE a.run_id = r.id) AS actions,"
+                " (SELECT count(*) FROM {s}.finding f WHERE f.run_id = r.id) AS findings"
+                " FROM {s}.run r {w} ORDER BY started_at DESC, id DESC LIMIT %s"
+            ).format(s=self._s, w=where),
+            params,
+        ).fetchall()
+        return [dict(r) for r in rows]  # type: ignore[call-overload]
+
+    def last_runs(self) -> dict[tuple[str, str], dict[str, Any]]:
+        """The newest finished run per (job, target), for `maintainer jobs`."""
+        if self.current_version() == 0:
+            return {}
+        rows = self.conn.execute(
+            sql.SQL(
+                "SELECT DISTINCT ON (job, target) job, target, status, started_at, finished_at"
+                " FROM {}.run WHERE status <> 'running' ORDER BY job, target, started_at DESC"
+            ).format(self._s)
+        ).fetchall()
+        return {(r["job"], r["target"]): dict(r) for r in rows}  # type: ignore[call-overload]
+
+    def actions_of(self, run_id: int) -> list[dict[str, Any]]:
+        rows = self.conn.execute(
+            sql.SQL("SELECT seq, sql, status, rows, seconds, sqlstate FROM {}.action WHERE run_id = %s ORDER BY seq").format(
+                self._s
+            ),
+            (run_id,),
+        ).fetchall()
+        return [dict(r) for r in rows]  # type: ignore[call-overload]
+
+
+@contextmanager
+def open_ledger(conninfo: str, schema: str) -> Iterator[Ledger]:
+    from maintainer.db import connect
+
+    conn = connect(conninfo, application_name="pg-maintainer ledger")
+    try:
+        yield Ledger(conn, schema)
+    finally:
+        conn.close()

@@ -1,0 +1,203 @@
+"""Human output for the CLI: Rich tables, SQL listings and progress bars."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
+
+import psycopg
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.syntax import Syntax
+from rich.table import Table
+
+from maintainer import db
+from maintainer.config import cron_trigger
+from maintainer.ledger import Ledger
+from maintainer.results import RunResult, json_safe
+
+if TYPE_CHECKING:
+    from maintainer.checks import Check
+    from maintainer.project import Project
+    from maintainer.runner import Progress as RunProgress
+
+STATUS_STYLE = {"ok": "green", "planned": "cyan", "skipped": "yellow", "failed": "red", "interrupted": "red"}
+LEVEL_STYLE = {"ok": "green", "warn": "yellow", "critical": "red", "unknown": "magenta", "error": "red"}
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def print_run(console: Console, result: RunResult, *, show_sql: bool) -> None:
+    style = STATUS_STYLE.get(result.status, "white")
+    item = f" [{_item_text(result.item)}]" if result.item else ""
+    console.print(
+        f"[bold]{result.job}[/bold] on [bold]{result.target}[/bold]{item}: "
+        f"[{style}]{result.status}[/{style}] in {result.seconds:.2f}s",
+        highlight=False,
+    )
+    if result.reason:
+        console.print(f"  {result.reason}", highlight=False)
+    if result.error:
+        console.print(f"  [red]error:[/red] {result.error}" + (f" (SQLSTATE {result.sqlstate})" if result.sqlstate else ""),
+                      highlight=False)
+    if result.findings:
+        console.print(findings_table(result.findings))
+    if result.actions:
+        if show_sql:
+            for number, action in enumerate(result.actions, 1):
+                console.print(f"  -- step {number} ({action.status})", style="dim", highlight=False)
+                console.print(Syntax(action.sql.rstrip() + ";", "sql", word_wrap=True, background_color="default"))
+        else:
+            table = Table("#", "status", "rows", "seconds", "statement", box=None, pad_edge=False)
+            for number, action in enumerate(result.actions, 1):
+                first_line = action.sql.strip().splitlines()[0] if action.sql.strip() else ""
+                table.add_row(str(number), action.status, _fmt(action.rows), _fmt(action.seconds), first_line[:100])
+            console.print(table)
+    elif result.status in ("ok", "planned"):
+        console.print("  nothing to do", style="dim")
+
+
+def _item_text(item: dict[str, Any] | None) -> str:
+    if not item:
+        return ""
+    if "table" in item:
+        return str(item["table"])
+    return ", ".join(f"{k}={v}" for k, v in item.items())
+
+
+_HIDDEN_FIELDS = {"action"}
+
+
+def findings_table(findings: list[dict[str, Any]]) -> Table:
+    columns: list[str] = []
+    for finding in findings:
+        for key in finding:
+            if key not in columns and key not in _HIDDEN_FIELDS:
+                columns.append(key)
+    table = Table(*columns, box=None, pad_edge=False, show_edge=False)
+    for finding in findings:
+        cells = []
+        for key in columns:
+            text = _fmt(json_safe(finding.get(key)))
+            if key == "level" and text in LEVEL_STYLE:
+                text = f"[{LEVEL_STYLE[text]}]{text}[/{LEVEL_STYLE[text]}]"
+            cells.append(text)
+        table.add_row(*cells)
+    return table
+
+
+@contextmanager
+def progress_reporter(console: Console, *, enabled: bool) -> Iterator[Callable[[RunProgress], None] | None]:
+    """A progress bar for long manual runs (batches, rows, elapsed); nothing when not a terminal."""
+    if not enabled:
+        yield None
+        return
+    columns = (TextColumn("step {task.fields[step]}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("rows · {task.fields[batches]} batches"), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=True) as bar:
+        tasks: dict[int, Any] = {}
+
+        def report(progress: RunProgress) -> None:
+            if progress.step not in tasks:
+                tasks[progress.step] = bar.add_task("", total=progress.estimate, step=f"{progress.step}/{progress.steps}",
+                                                    batches=0)
+            bar.update(tasks[progress.step], completed=progress.rows, batches=progress.iterations,
+                       total=max(progress.estimate or 0, progress.rows) or None)
+
+        yield report
+
+
+def job_rows(project: Project) -> list[dict[str, Any]]:
+    last: dict[tuple[str, str], dict[str, Any]] = {}
+    for name, target in project.settings.targets.items():
+        try:
+            conn = db.connect(target.conninfo(), connect_timeout=3)
+        except (db.TargetUnavailable, OSError):
+            continue
+        try:
+            for (job, tgt), row in Ledger(conn, project.settings.state_schema).last_runs().items():
+                if tgt == name:
+                    last[(job, tgt)] = row
+        except psycopg.Error:
+            pass
+        finally:
+            conn.close()
+    rows = []
+    now = dt.datetime.now(dt.UTC)
+    for job in sorted(project.jobs.values(), key=lambda j: j.name):
+        next_run = None
+        if job.schedule:
+            next_run = cron_trigger(job.schedule).get_next_fire_time(None, now)
+        for target in project.targets_of(job):
+            previous = last.get((job.name, target))
+            rows.append({
+                "job": job.name, "unit": job.unit, "schedule": job.schedule or "manual", "target": target,
+                "window": job.window, "items": len(job.items or []) or None,
+                "next_run": next_run.isoformat() if next_run else None,
+                "last_status": previous["status"] if previous else None,
+                "last_run": previous["started_at"].isoformat() if previous else None,
+            })
+    return rows
+
+
+def print_jobs(console: Console, rows: list[dict[str, Any]]) -> None:
+    table = Table("job", "unit", "schedule", "target", "items", "next run (UTC)", "last result")
+    for row in rows:
+        status = row["last_status"] or "never run"
+        style = STATUS_STYLE.get(status, "dim")
+        table.add_row(row["job"], row["unit"], row["schedule"] + (f" in {row['window']}" if row["window"] else ""),
+                      row["target"], _fmt(row["items"]), (row["next_run"] or "")[:16].replace("T", " "),
+                      f"[{style}]{status}[/{style}]" + (f" {row['last_run'][:16].replace('T', ' ')}" if row["last_run"] else ""))
+    console.print(table)
+
+
+def collect_history(project: Project, job: str | None, limit: int) -> list[dict[str, Any]]:
+    runs: list[dict[str, Any]] = []
+    for name, target in sorted(project.settings.targets.items()):
+        try:
+            conn = db.connect(target.conninfo(), connect_timeout=5)
+        except (db.TargetUnavailable, OSError) as exc:
+            runs.append({"target": name, "status": "unreachable", "error": str(exc)})
+            continue
+        try:
+            for row in Ledger(conn, project.settings.state_schema).history(job, limit):
+                runs.append(json_safe(row))
+        finally:
+            conn.close()
+    runs.sort(key=lambda r: r.get("started_at") or "", reverse=True)
+    return runs
+
+
+def print_history(console: Console, runs: list[dict[str, Any]]) -> None:
+    table = Table("started (UTC)", "job", "target", "item", "trigger", "status", "seconds", "actions", "findings", "error")
+    for run in runs:
+        started = run.get("started_at") or ""
+        seconds = ""
+        if run.get("finished_at") and started:
+            delta = dt.datetime.fromisoformat(run["finished_at"]) - dt.datetime.fromisoformat(started)
+            seconds = f"{delta.total_seconds():.2f}"
+        status = run.get("status", "")
+        style = STATUS_STYLE.get(status, "white")
+        trigger = run.get("trigger", "")
+        if run.get("triggered_by"):
+            trigger += f" ({run['triggered_by']})"
+        table.add_row(started[:19].replace("T", " "), run.get("job", ""), run.get("target", ""), run.get("item") or "",
+                      trigger, f"[{style}]{status}[/{style}]", seconds, _fmt(run.get("actions")),
+                      _fmt(run.get("findings")), (run.get("error") or "")[:80])
+    console.print(table)
+
+
+def print_checks(console: Console, checks: list[Check]) -> None:
+    table = Table("", "check", "detail", box=None)
+    marks = {"ok": "[green]ok[/green]", "warn": "[yellow]warn[/yellow]", "error": "[red]error[/red]"}
+    for item in checks:
+        table.add_row(marks[item.level], item.subject, item.detail)
+    console.print(table)

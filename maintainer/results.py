@@ -1,0 +1,112 @@
+"""What a run returns to every front door (CLI, scheduler, HTTP): plain data, JSON-ready."""
+
+from __future__ import annotations
+
+import datetime as dt
+import decimal
+import ipaddress
+import uuid
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+Status = Literal["ok", "failed", "skipped", "planned"]
+
+
+def json_safe(value: Any) -> Any:
+    """Database values as JSON values: Decimal → number, timestamps → ISO-8601, etc."""
+    if isinstance(value, decimal.Decimal):
+        return int(value) if value == value.to_integral_value() and abs(value) < 2**63 else float(value)
+    if isinstance(value, dt.datetime | dt.date | dt.time):
+        return value.isoformat()
+    if isinstance(value, dt.timedelta):
+        return value.total_seconds()
+    if isinstance(value, uuid.UUID | ipaddress.IPv4Address | ipaddress.IPv6Address):
+        return str(value)
+    if isinstance(value, ipaddress.IPv4Network | ipaddress.IPv6Network):
+        return str(value)
+    if isinstance(value, Mapping):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    if isinstance(value, bytes | memoryview):
+        return f"<{len(value)} bytes>"
+    return value
+
+
+@dataclass
+class Action:
+    sql: str
+    status: Literal["ok", "failed", "planned", "skipped"]
+    rows: int | None = None
+    seconds: float | None = None
+    attempts: int = 1
+    sqlstate: str | None = None
+    iterations: int | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        data: dict[str, Any] = {
+            "sql": self.sql, "status": self.status, "rows": self.rows,
+            "seconds": None if self.seconds is None else round(self.seconds, 6),
+        }
+        if self.attempts > 1:
+            data["attempts"] = self.attempts
+        if self.iterations is not None:
+            data["iterations"] = self.iterations
+        if self.sqlstate:
+            data["sqlstate"] = self.sqlstate
+        return data
+
+
+@dataclass
+class RunResult:
+    job: str
+    unit: str
+    target: str
+    item: dict[str, Any] | None
+    status: Status = "ok"
+    started_at: dt.datetime = field(default_factory=lambda: dt.datetime.now(dt.UTC))
+    finished_at: dt.datetime | None = None
+    actions: list[Action] = field(default_factory=list)
+    findings: list[dict[str, Any]] = field(default_factory=list)
+    error: str | None = None
+    sqlstate: str | None = None
+    reason: str | None = None  # why a run was skipped
+    attempts: int = 0
+    run_id: int | None = None
+    trigger: str = "manual"
+
+    @property
+    def seconds(self) -> float:
+        end = self.finished_at or dt.datetime.now(dt.UTC)
+        return (end - self.started_at).total_seconds()
+
+    def to_json(self) -> dict[str, Any]:
+        data: dict[str, Any] = {
+            "job": self.job, "unit": self.unit, "target": self.target, "item": json_safe(self.item),
+            "status": self.status,
+            "started_at": self.started_at.isoformat(),
+            "finished_at": self.finished_at.isoformat() if self.finished_at else None,
+            "actions": [a.to_json() for a in self.actions],
+            "findings": [json_safe(f) for f in self.findings],
+            "error": self.error,
+        }
+        if self.sqlstate:
+            data["sqlstate"] = self.sqlstate
+        if self.reason:
+            data["reason"] = self.reason
+        if self.run_id is not None:
+            data["run_id"] = self.run_id
+        return data
+
+
+def exit_code(results: Iterable[RunResult], *, usage_error: bool = False) -> int:
+    """SPEC §5: 2 usage/config, then 1 failed, then 3 skipped, then 0."""
+    if usage_error:
+        return 2
+    statuses = {r.status for r in results}
+    if "failed" in statuses:
+        return 1
+    if "skipped" in statuses:
+        return 3
+    return 0

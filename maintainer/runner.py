@@ -1,0 +1,468 @@
+"""One run of one unit for one (job, target, item): the careful machine every front door calls.
+
+Order of a run: connect → refuse on a replica → take the (job, target, item) advisory lock →
+set timeouts → resolve table params → discover → one step per finding (apply, retried on
+transient errors) → verify → report → write the ledger. A dry run (`plan`, `trigger --dry-run`)
+runs discover inside a READ ONLY transaction, renders the apply steps without executing them,
+and writes nothing, not even the ledger.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import random
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import psycopg
+from psycopg.rows import dict_row
+
+from maintainer import db
+from maintainer.ledger import Ledger
+from maintainer.project import RunSpec
+from maintainer.render import ArgValue, RenderError
+from maintainer.results import Action, RunResult, json_safe
+from maintainer.units import Statement, UnitError, split_statements
+from maintainer.values import QualifiedName
+
+
+@dataclass
+class Progress:
+    """Reported after every batch of a repeated step (manual runs draw a progress bar from it)."""
+
+    step: int
+    steps: int
+    iterations: int
+    rows: int
+    estimate: int | None
+    elapsed: float
+
+
+@dataclass
+class RunOptions:
+    trigger: str = "manual"  # manual | schedule | http
+    args: Mapping[str, ArgValue] = field(default_factory=dict)
+    dry_run: bool = False
+    progress: Callable[[Progress], None] | None = None
+    cancel: threading.Event | None = None  # set by SIGTERM: stop at the next safe point
+
+
+class RunFailed(Exception):
+    def __init__(self, message: str, sqlstate: str | None = None) -> None:
+        super().__init__(message)
+        self.sqlstate = sqlstate
+
+
+class Cancelled(Exception):
+    pass
+
+
+def run(spec: RunSpec, options: RunOptions | None = None) -> RunResult:
+    """Run (or plan) one unit on one target for one item; never raises for run-time problems."""
+    return _Run(spec, options or RunOptions()).execute()
+
+
+class _Run:
+    def __init__(self, spec: RunSpec, options: RunOptions) -> None:
+        self.spec = spec
+        self.opts = options
+        self.unit = spec.unit
+        self.result = RunResult(spec.job.name, spec.unit.name, spec.target_name, spec.item, trigger=options.trigger)
+        defaults = spec.settings.defaults
+        self.lock_timeout = spec.job.timeouts.lock or defaults.lock_timeout
+        self.statement_timeout = spec.job.timeouts.statement or defaults.statement_timeout
+        self.lock_key = db.advisory_key(spec.job.name, spec.target_name, spec.item_label or "")
+        self.conn: psycopg.Connection[Any] | None = None
+        self.ledger: Ledger | None = None
+        self.ledger_conn: psycopg.Connection[Any] | None = None
+        self.locked = False
+        self.attempts = 0
+
+    # -- top level ------------------------------------------------------------------------------
+
+    def execute(self) -> RunResult:
+        try:
+            self._execute()
+        except RunFailed as exc:
+            self._fail(str(exc), exc.sqlstate)
+        except Cancelled:
+            self._fail("cancelled: the daemon is shutting down", None)
+        except (RenderError, UnitError) as exc:
+            self._fail(str(exc), None)
+        except db.TargetUnavailable as exc:
+            self._fail(f"target {self.spec.target_name!r} unreachable: {exc}", None)
+        except psycopg.Error as exc:
+            self._fail(self._describe(exc), db.sqlstate_of(exc))
+        finally:
+            self.result.finished_at = dt.datetime.now(dt.UTC)
+            self.result.attempts = max(self.attempts, 1)
+            self._close()
+        return self.result
+
+    def _execute(self) -> None:
+        spec, unit = self.spec, self.unit
+        if spec.target.pooled and unit.meta.ddl:
+            raise RunFailed(
+                f"target {spec.target_name!r} is declared pooled; unit {unit.name!r} runs DDL and needs a direct "
+                "connection (set a direct dsn for this target)"
+            )
+        self.conn = self._connect()
+        if db.is_in_recovery(self.conn):
+            self._skip("target is a replica in recovery; maintenance runs on the primary only")
+            return
+        if not self.opts.dry_run:
+            self._open_ledger()
+            if not db.try_advisory_lock(self.conn, self.lock_key):
+                self._skip("another runner holds the lock for this job, target and item")
+                self._record_skip()
+                return
+            self.locked = True
+            assert self.ledger is not None
+            self.result.run_id = self.ledger.start_run(
+                job=spec.job.name, unit=unit.name, target=spec.target_name, item=spec.item_label,
+                lock_key=self.lock_key, trigger=self.opts.trigger, params=json_safe(_loggable(spec.params)),
+            )
+            self.ledger.mark_interrupted(self.lock_key, self.result.run_id)
+        db.set_timeouts(self.conn, lock_timeout=self.lock_timeout, statement_timeout=self.statement_timeout)
+        self._resolve_tables()
+        context = self._context()
+        discovered = self._discover(context)
+        step_rows = [r for r in discovered if r.get("action", True) not in (False, None)]
+        step_outcomes = self._apply(context, step_rows)
+        self._verify(context)
+        findings = self._report(context, discovered, step_outcomes)
+        self.result.findings = [json_safe(f) for f in findings]
+        if self.result.status != "failed":
+            self.result.status = "planned" if self.opts.dry_run else "ok"
+        self._record()
+
+    # -- connection and ledger ------------------------------------------------------------------
+
+    def _connect(self) -> psycopg.Connection[Any]:
+        try:
+            conninfo = self.spec.target.conninfo()
+        except OSError as exc:
+            raise RunFailed(f"cannot read dsn_file of target {self.spec.target_name!r}: {exc.strerror}") from None
+        return db.connect(conninfo, application_name=f"pg-maintainer {self.spec.job.name}"[:63])
+
+    def _open_ledger(self) -> None:
+        self.ledger_conn = db.connect(self.spec.target.conninfo(), application_name="pg-maintainer ledger")
+        self.ledger = Ledger(self.ledger_conn, self.spec.settings.state_schema)
+        self.ledger.ensure()
+
+    def _reconnect(self) -> None:
+        """After a lost connection: new session, same timeouts, and the advisory lock again."""
+        if self.conn is not None and not self.conn.closed:
+            self.conn.close()
+        self.conn = self._connect()
+        if self.locked and not db.try_advisory_lock(self.conn, self.lock_key):
+            self.locked = False
+            raise RunFailed("lost the connection and another runner took the lock meanwhile")
+        db.set_timeouts(self.conn, lock_timeout=self.lock_timeout, statement_timeout=self.statement_timeout)
+
+    def _close(self) -> None:
+        if self.conn is not None and not self.conn.closed:
+            try:
+                if self.locked:
+                    db.advisory_unlock(self.conn, self.lock_key)
+            except psycopg.Error:
+                pass  # closing the session releases the lock anyway
+            self.conn.close()
+        if self.ledger_conn is not None and not self.ledger_conn.closed:
+            self.ledger_conn.close()
+
+    # -- phases ---------------------------------------------------------------------------------
+
+    def _context(self) -> dict[str, Any]:
+        return {
+            "params": self.spec.params,
+            "target": self.spec.target_name,
+            "job": self.spec.job.name,
+            "now": dt.datetime.now(dt.UTC),
+            "args": dict(self.opts.args),
+            "dry_run": self.opts.dry_run,
+            "prev": None,
+            "row": {},
+        }
+
+    def _resolve_tables(self) -> None:
+        """Every `table` param must name an existing relation: fail clearly before doing anything."""
+        assert self.conn is not None
+        for name, spec in self.unit.meta.params.items():
+            value = self.spec.params.get(name)
+            if spec.type != "table" or not isinstance(value, QualifiedName):
+                continue
+            row = self.conn.execute(
+                "SELECT to_regclass(%s) IS NOT NULL AS present", (db.quote_ident(value.schema, value.name),)
+            ).fetchone()
+            if not row or not row["present"]:
+                raise RunFailed(f"{name}: table {value} does not exist on target {self.spec.target_name!r}")
+
+    def _discover(self, context: dict[str, Any]) -> list[dict[str, Any]]:
+        if not self.unit.has_block("discover"):
+            return [{}] if self.unit.has_block("apply") else []
+        statements = self._render("discover", context)
+        if len(statements) != 1:
+            raise RunFailed(f"{self.unit.path.name}: discover must be exactly one SELECT")
+        rows = self._query(statements[0], read_only=self.opts.dry_run)
+        return rows
+
+    def _apply(self, context: dict[str, Any], step_rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        outcomes: list[dict[str, Any]] = []
+        if not self.unit.has_block("apply"):
+            return outcomes
+        for index, row in enumerate(step_rows):
+            self._check_cancel()
+            outcome = {"row": row, "status": "planned" if self.opts.dry_run else "ok", "rows": 0}
+            outcomes.append(outcome)
+            try:
+                outcome["rows"] = self._run_step(context, row, index, len(step_rows))
+            except (RunFailed, psycopg.Error) as exc:
+                outcome["status"] = "failed"
+                if self.unit.meta.on_step_error == "continue":
+                    self._note_failure(exc)
+                    continue
+                raise
+        return outcomes
+
+    def _run_step(self, context: dict[str, Any], row: dict[str, Any], index: int, count: int) -> int:
+        step_context = {**context, "row": row, "prev": None}
+        if self.opts.dry_run or self.unit.meta.repeat is None:
+            statements = self._render("apply", step_context)
+            return self._execute_statements(statements)
+        return self._run_repeated(step_context, row, index, count)
+
+    def _run_repeated(self, context: dict[str, Any], row: dict[str, Any], index: int, count: int) -> int:
+        """`repeat: until_zero_rows`: batches until one touches nothing; `prev` carries the keyset cursor."""
+        pause = self.spec.params.get("pause")
+        pause_seconds = pause.total_seconds() if isinstance(pause, dt.timedelta) else 0.0
+        started = time.monotonic()
+        total = 0
+        merged: list[Action] = []
+        for iteration in range(1, self.unit.meta.max_iterations + 1):
+            self._check_cancel()
+            statements = self._render("apply", {**context, "prev": context["prev"]})
+            actions_before = len(self.result.actions)
+            rows, last = self._execute_statements(statements, collect_last=True)
+            new_actions = self.result.actions[actions_before:]
+            del self.result.actions[actions_before:]
+            merged = _merge_actions(merged, new_actions, iteration)
+            total += rows
+            context["prev"] = last
+            if self.opts.progress is not None:
+                estimate = row.get("estimate")
+                self.opts.progress(
+                    Progress(index + 1, count, iteration, total, int(estimate) if estimate is not None else None,
+                             time.monotonic() - started)
+                )
+            if rows == 0:
+                break
+            if pause_seconds:
+                time.sleep(pause_seconds)
+        self.result.actions.extend(merged)
+        return total
+
+    def _verify(self, context: dict[str, Any]) -> None:
+        if self.opts.dry_run or not self.unit.has_block("verify") or self.result.status == "failed":
+            return
+        statements = self._render("verify", context)
+        failures = self._query(statements[0], read_only=False)
+        if failures:
+            self.result.status = "failed"
+            self.result.error = f"verify: {len(failures)} check(s) failed"
+            self.result.findings.extend({"verify_failed": True, **f} for f in failures)
+
+    def _report(
+        self, context: dict[str, Any], discovered: list[dict[str, Any]], outcomes: list[dict[str, Any]]
+    ) -> list[dict[str, Any]]:
+        if not self.unit.has_block("report"):
+            return discovered if self.unit.has_block("discover") else []
+        report_context = {**context, "discovered": discovered, "steps": outcomes}
+        statements = self._render("report", report_context)
+        return self._query(statements[0], read_only=self.opts.dry_run)
+
+    # -- statements -----------------------------------------------------------------------------
+
+    def _render(self, block: str, context: Mapping[str, Any]) -> list[Statement]:
+        text, values = self.unit.render_block(block, context)
+        statements = split_statements(text, values, where=f"{self.unit.path.name} ({block}): ")
+        if not statements and block != "apply":
+            raise RunFailed(f"{self.unit.path.name}: {block} rendered no statement")
+        return statements
+
+    def _query(self, statement: Statement, *, read_only: bool) -> list[dict[str, Any]]:
+        assert self.conn is not None
+        with self.conn.transaction():
+            if read_only:
+                self.conn.execute("SET TRANSACTION READ ONLY")
+            with psycopg.RawCursor(self.conn, row_factory=dict_row) as cur:
+                cur.execute(statement.sql, statement.params or None)
+                return list(cur.fetchall()) if cur.description else []
+
+    def _execute_statements(self, statements: list[Statement], collect_last: bool = False) -> Any:
+        """Run one step's statements (or only record them in a dry run); returns rows affected."""
+        if self.opts.dry_run:
+            self.result.actions.extend(Action(s.sql, "planned") for s in statements)
+            return (0, None) if collect_last else 0
+        if self.unit.meta.transaction == "none":
+            total, last = 0, None
+            for statement in statements:
+                rows, last_row = self._with_retries(lambda s=statement: self._run_one(s, autocommit=True))
+                total += rows
+                last = last_row if last_row is not None else last
+            return (total, last) if collect_last else total
+        rows, last = self._with_retries(lambda: self._run_transaction(statements))
+        return (rows, last) if collect_last else rows
+
+    def _run_one(self, statement: Statement, *, autocommit: bool) -> tuple[int, dict[str, Any] | None]:
+        assert self.conn is not None
+        started = time.monotonic()
+        action = Action(statement.sql, "ok")
+        try:
+            with psycopg.RawCursor(self.conn, row_factory=dict_row) as cur:
+                cur.execute(statement.sql, statement.params or None)
+                fetched = list(cur.fetchall()) if cur.description else []
+                rows = cur.rowcount if cur.rowcount >= 0 else len(fetched)
+        except psycopg.Error as exc:
+            action.status, action.sqlstate = "failed", db.sqlstate_of(exc)
+            action.seconds = time.monotonic() - started
+            self.result.actions.append(action)
+            raise
+        action.seconds = time.monotonic() - started
+        last = fetched[-1] if fetched else None
+        # A step may report its own progress count (`SELECT count(*) AS rows …`) instead of rowcount.
+        if last is not None and len(fetched) == 1 and "rows" in last and isinstance(last["rows"], int):
+            rows = last["rows"]
+        action.rows = rows
+        self.result.actions.append(action)
+        return rows, last
+
+    def _run_transaction(self, statements: list[Statement]) -> tuple[int, dict[str, Any] | None]:
+        assert self.conn is not None
+        total, last = 0, None
+        mark = len(self.result.actions)
+        try:
+            with self.conn.transaction():
+                for statement in statements:
+                    rows, row = self._run_one(statement, autocommit=False)
+                    total += rows
+                    last = row if row is not None else last
+        except psycopg.Error:
+            # The whole transaction rolled back: statements that "succeeded" in it did not happen.
+            for action in self.result.actions[mark:]:
+                if action.status == "ok":
+                    action.status = "skipped"
+            raise
+        return total, last
+
+    def _with_retries(self, attempt: Callable[[], tuple[int, dict[str, Any] | None]]) -> tuple[int, dict[str, Any] | None]:
+        defaults = self.spec.settings.defaults
+        for number in range(1, defaults.max_attempts + 1):
+            self.attempts = max(self.attempts, number)
+            mark = len(self.result.actions)
+            try:
+                return attempt()
+            except psycopg.Error as exc:
+                if not db.is_transient(exc) or number == defaults.max_attempts:
+                    raise
+                # Keep only the final attempt's actions; count the attempts on it instead.
+                del self.result.actions[mark:]
+                self._check_cancel()
+                delay = min(defaults.retry_backoff.total_seconds() * 2 ** (number - 1),
+                            defaults.retry_backoff_max.total_seconds())
+                time.sleep(delay * random.uniform(0.5, 1.5))  # noqa: S311 - jitter, not crypto
+                if self.conn is None or self.conn.closed or self.conn.broken:
+                    self._reconnect()
+        raise AssertionError("unreachable")
+
+    # -- outcome --------------------------------------------------------------------------------
+
+    def _check_cancel(self) -> None:
+        if self.opts.cancel is not None and self.opts.cancel.is_set():
+            raise Cancelled()
+
+    def _describe(self, exc: BaseException) -> str:
+        message = db.error_summary(exc, sensitive=self.unit.meta.sensitive)
+        # Untrusted arguments (a user id, an email to erase) must not reach the ledger or alerts.
+        for value in self.opts.args.values():
+            if value and len(value) >= 2:
+                message = message.replace(value, "<arg>")
+        return message
+
+    def _note_failure(self, exc: BaseException) -> None:
+        self.result.status = "failed"
+        if self.result.error is None:
+            self.result.error = str(exc) if isinstance(exc, RunFailed) else self._describe(exc)
+            self.result.sqlstate = db.sqlstate_of(exc)
+
+    def _fail(self, message: str, sqlstate: str | None) -> None:
+        self.result.status = "failed"
+        self.result.error = message
+        self.result.sqlstate = sqlstate
+        self._record()
+
+    def _skip(self, reason: str) -> None:
+        self.result.status = "skipped"
+        self.result.reason = reason
+
+    def _record(self) -> None:
+        if self.ledger is None or self.result.run_id is None:
+            return
+        try:
+            level_field = (self.unit.meta.alerts or {}).get("level")
+            self.ledger.finish_run(
+                self.result.run_id, status=self.result.status, attempts=max(self.attempts, 1),
+                sqlstate=self.result.sqlstate, error=self.result.error,
+                actions=[a.to_json() | {"attempts": a.attempts} for a in self.result.actions],
+                findings=self.result.findings, summary=None, level_field=level_field,
+            )
+            self.ledger.purge(self.spec.settings.defaults.history_retention)
+        except psycopg.Error:
+            # A ledger hiccup must not turn a finished maintenance run into a failure.
+            pass
+        self.ledger = None  # record once
+
+    def _record_skip(self) -> None:
+        if self.ledger is None:
+            return
+        try:
+            run_id = self.ledger.start_run(
+                job=self.spec.job.name, unit=self.unit.name, target=self.spec.target_name,
+                item=self.spec.item_label, lock_key=self.lock_key, trigger=self.opts.trigger,
+                params={}, status="skipped",
+            )
+            self.ledger.conn.execute(
+                f"UPDATE {db.quote_ident(self.ledger.schema)}.run SET finished_at = now(), error = %s WHERE id = %s",
+                (self.result.reason, run_id),
+            )
+        except psycopg.Error:
+            pass
+        self.ledger = None
+
+
+def _merge_actions(merged: list[Action], new: list[Action], iteration: int) -> list[Action]:
+    """Fold a batch's actions into one per statement position (rows and seconds summed)."""
+    if not merged:
+        for action in new:
+            action.iterations = 1
+        return list(new)
+    for position, action in enumerate(new):
+        if position < len(merged):
+            target = merged[position]
+            target.rows = (target.rows or 0) + (action.rows or 0)
+            target.seconds = (target.seconds or 0) + (action.seconds or 0)
+            target.iterations = iteration
+            target.attempts = max(target.attempts, action.attempts)
+            if action.status != "ok":
+                target.status, target.sqlstate = action.status, action.sqlstate
+        else:
+            merged.append(action)
+    return merged
+
+
+def _loggable(params: Mapping[str, Any]) -> dict[str, Any]:
+    """Params as recorded in the ledger: job-file configuration only (never `--arg` values)."""
+    return {k: (str(v) if isinstance(v, QualifiedName | dt.timedelta) else v) for k, v in params.items()}

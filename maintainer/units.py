@@ -1,0 +1,261 @@
+"""Units: `<name>.sql.j2` files with YAML front matter and discover / apply / verify / report blocks.
+
+Built-in units ship in the package; a file of the same name in `templates_dir` overrides one.
+This module parses a unit, validates the params a job gives it, renders its blocks through the
+sandbox in `render.py`, and splits the result into statements with PostgreSQL's own parser.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import pglast
+import yaml
+from jinja2 import Template, TemplateSyntaxError
+from pglast import parser as pg_parser
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from maintainer.render import ArgValue, RenderError, TrustedSql, make_environment, render_with_binds
+from maintainer.values import (
+    QualifiedName,
+    check_identifier,
+    parse_duration,
+    parse_interval,
+    parse_size,
+)
+
+BLOCKS = ("discover", "apply", "verify", "report", "check")
+ParamType = Literal[
+    "table", "identifier", "string", "integer", "number", "boolean", "duration", "size",
+    "interval", "list", "map", "sql", "any",
+]
+
+
+class UnitError(Exception):
+    """A unit file that cannot be used; the message names the file (and line when known)."""
+
+
+class ParamSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    type: ParamType
+    required: bool = False
+    default: Any = None
+    description: str | None = None
+    choices: list[Any] | None = None
+
+
+class FrontMatter(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    description: str = ""
+    params: dict[str, ParamSpec] = Field(default_factory=dict)
+    # none: every statement autocommits (required for CONCURRENTLY);
+    # per_step: each rendering of apply (one step) runs in its own transaction.
+    transaction: Literal["none", "per_step"] = "per_step"
+    repeat: Literal["until_zero_rows"] | None = None
+    # Units whose runs touch personal data: errors are recorded by SQLSTATE only.
+    sensitive: bool = False
+    # Units that change schema (DDL); refused on targets declared `pooled: true`.
+    ddl: bool = False
+    # Ceiling for `repeat` loops, so a unit that never converges cannot spin forever.
+    max_iterations: int = 100_000
+    # stop: a failed step ends the run (later steps may depend on it); continue: the others still run.
+    on_step_error: Literal["stop", "continue"] = "stop"
+    metrics: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    alerts: dict[str, Any] | None = None
+
+
+@dataclass
+class Unit:
+    name: str
+    path: Path
+    meta: FrontMatter
+    template: Template
+    builtin: bool
+    source: str = field(repr=False)
+
+    def has_block(self, name: str) -> bool:
+        return name in self.template.blocks
+
+    def validate_params(self, values: Mapping[str, Any], where: str) -> dict[str, Any]:
+        """Typed params with defaults applied; raises `UnitError` naming `where` and the key."""
+        problems = []
+        result: dict[str, Any] = {}
+        for key in values:
+            if key not in self.meta.params:
+                known = ", ".join(sorted(self.meta.params)) or "none"
+                problems.append(f"{where}: {key}: unknown param of unit {self.name!r} (known: {known})")
+        for key, spec in self.meta.params.items():
+            if key in values and values[key] is not None:
+                try:
+                    result[key] = coerce_param(spec, values[key])
+                except ValueError as exc:
+                    problems.append(f"{where}: {key}: {exc}")
+            elif spec.required:
+                problems.append(f"{where}: {key}: required param of unit {self.name!r} is missing")
+            else:
+                result[key] = coerce_param(spec, spec.default) if spec.default is not None else None
+        if problems:
+            raise UnitError("\n".join(problems))
+        return result
+
+    def render_block(self, block: str, context: Mapping[str, Any]) -> tuple[str, list[Any]]:
+        """Render one block to SQL text and its bound values."""
+        func = self.template.blocks[block]
+        ctx = self.template.new_context(dict(context), shared=False)
+        try:
+            return render_with_binds(lambda _c: "".join(func(ctx)), context=context)
+        except RenderError as exc:
+            raise RenderError(f"{self.path.name} ({block}): {exc}") from None
+
+
+def coerce_param(spec: ParamSpec, value: Any) -> Any:
+    """Turn a YAML value into the param's type, or raise ValueError saying what was expected."""
+    kind = spec.type
+    result: Any
+    if kind == "table":
+        result = QualifiedName.parse(value)
+    elif kind == "identifier":
+        result = check_identifier(value)
+    elif kind == "string":
+        if not isinstance(value, str):
+            raise ValueError(f"expected a string, got {value!r}")
+        result = value
+    elif kind == "integer":
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"expected an integer, got {value!r}")
+        result = value
+    elif kind == "number":
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ValueError(f"expected a number, got {value!r}")
+        result = float(value)
+    elif kind == "boolean":
+        if not isinstance(value, bool):
+            raise ValueError(f"expected true or false, got {value!r}")
+        result = value
+    elif kind == "duration":
+        result = parse_duration(value)
+    elif kind == "size":
+        result = parse_size(value)
+    elif kind == "interval":
+        result = parse_interval(value)
+    elif kind == "list":
+        if not isinstance(value, list):
+            raise ValueError(f"expected a list, got {value!r}")
+        result = value
+    elif kind == "map":
+        if not isinstance(value, dict):
+            raise ValueError(f"expected a mapping, got {value!r}")
+        result = value
+    elif kind == "sql":
+        if not isinstance(value, str):
+            raise ValueError(f"expected SQL text, got {value!r}")
+        result = TrustedSql(value)
+    else:
+        result = value
+    if spec.choices is not None and result not in spec.choices:
+        raise ValueError(f"{value!r} is not one of {spec.choices}")
+    return result
+
+
+_FRONT_MATTER = re.compile(r"\A---[ \t]*\n(.*?)\n---[ \t]*\n", re.DOTALL)
+
+
+def parse_unit(path: Path, name: str | None = None, builtin: bool = False) -> Unit:
+    source = path.read_text()
+    match = _FRONT_MATTER.match(source)
+    if not match:
+        raise UnitError(f"{path}: a unit starts with YAML front matter between two '---' lines")
+    try:
+        raw = yaml.safe_load(match.group(1)) or {}
+        meta = FrontMatter(**raw)
+    except yaml.YAMLError as exc:
+        raise UnitError(f"{path}: front matter is not valid YAML: {exc}") from None
+    except (ValidationError, TypeError) as exc:
+        raise UnitError(f"{path}: front matter: {exc}") from None
+    # Keep the line numbers of the file in Jinja's errors by replacing front matter with blank lines.
+    body = "\n" * match.group(0).count("\n") + source[match.end():]
+    try:
+        template = make_environment().from_string(body)
+    except TemplateSyntaxError as exc:
+        raise UnitError(f"{path}:{exc.lineno}: template syntax error: {exc.message}") from None
+    unknown = set(template.blocks) - set(BLOCKS)
+    if unknown:
+        raise UnitError(f"{path}: unknown block(s) {sorted(unknown)}; blocks are {', '.join(BLOCKS)}")
+    if "apply" not in template.blocks and "discover" not in template.blocks:
+        raise UnitError(f"{path}: a unit needs a discover or an apply block")
+    return Unit(name or path.name.removesuffix(".sql.j2"), path, meta, template, builtin, source)
+
+
+def builtin_templates_dir() -> Path:
+    """Where the built-in units live: inside the wheel, or `templates/` of a source checkout."""
+    packaged = Path(str(resources.files("maintainer"))) / "templates"
+    if packaged.is_dir():
+        return packaged
+    return Path(__file__).resolve().parent.parent / "templates"
+
+
+def load_units(user_dir: Path | None) -> dict[str, Unit]:
+    """Built-in units, then user units from `templates_dir` (which override by name)."""
+    units: dict[str, Unit] = {}
+    problems: list[str] = []
+    sources = [(builtin_templates_dir(), True)]
+    if user_dir is not None:
+        if not user_dir.is_dir():
+            raise UnitError(f"templates_dir {user_dir} does not exist")
+        sources.append((user_dir, False))
+    for directory, builtin in sources:
+        for path in sorted(directory.glob("*.sql.j2")):
+            try:
+                unit = parse_unit(path, builtin=builtin)
+            except UnitError as exc:
+                problems.append(str(exc))
+                continue
+            units[unit.name] = unit
+    if problems:
+        raise UnitError("\n".join(problems))
+    return units
+
+
+@dataclass(frozen=True)
+class Statement:
+    sql: str
+    params: list[Any]
+
+
+def split_statements(text: str, values: list[Any], where: str = "") -> list[Statement]:
+    """Split with PostgreSQL's parser (so `DO $$ …; … $$` stays whole) and renumber `$n` per statement."""
+    try:
+        slices = pglast.split(text, with_parser=True, only_slices=True)
+    except pg_parser.ParseError as exc:
+        raise UnitError(f"{where}SQL syntax error: {exc}") from None
+    statements = []
+    for piece in slices:
+        chunk = text[piece]
+        tokens = [t for t in pg_parser.scan(chunk) if t.name == "PARAM"]
+        if not tokens:
+            statements.append(Statement(chunk.strip(), []))
+            continue
+        mapping: dict[int, int] = {}
+        out, last = [], 0
+        for token in tokens:
+            number = int(chunk[token.start + 1 : token.end + 1])
+            if number < 1 or number > len(values):
+                raise UnitError(f"{where}parameter ${number} has no bound value (write {{{{ x | bind }}}})")
+            mapping.setdefault(number, len(mapping) + 1)
+            out.append(chunk[last : token.start] + f"${mapping[number]}")
+            last = token.end + 1
+        out.append(chunk[last:])
+        ordered = sorted(mapping, key=mapping.__getitem__)
+        statements.append(Statement("".join(out).strip(), [values[n - 1] for n in ordered]))
+    return statements
+
+
+def contains_arg_values(values: list[Any]) -> bool:
+    return any(isinstance(v, ArgValue) for v in values)
