@@ -138,8 +138,12 @@ _CRON_ALIASES = {
 
 def cron_trigger(expression: str, jitter: int | None = None) -> CronTrigger:
     """An APScheduler trigger for a 5-field UTC cron expression or an @alias."""
-    crontab = _CRON_ALIASES.get(expression.strip(), expression)
-    return CronTrigger.from_crontab(crontab, timezone="UTC", jitter=jitter)
+    crontab = _CRON_ALIASES.get(expression.strip(), expression).split()
+    if len(crontab) != 5:
+        raise ValueError("expected 5 fields: minute hour day-of-month month day-of-week")
+    minute, hour, day, month, day_of_week = crontab
+    return CronTrigger(minute=minute, hour=hour, day=day, month=month, day_of_week=day_of_week,
+                       timezone="UTC", jitter=jitter)
 
 
 class Window(Strict):

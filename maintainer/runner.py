@@ -364,9 +364,10 @@ class _Run:
             self.attempts = max(self.attempts, number)
             mark = len(self.result.actions)
             try:
-                return attempt()
+                outcome = attempt()
             except psycopg.Error as exc:
                 if not db.is_transient(exc) or number == defaults.max_attempts:
+                    self._count_attempts(mark, number)
                     raise
                 # Keep only the final attempt's actions; count the attempts on it instead.
                 del self.result.actions[mark:]
@@ -376,7 +377,14 @@ class _Run:
                 time.sleep(delay * random.uniform(0.5, 1.5))  # noqa: S311 - jitter, not crypto
                 if self.conn is None or self.conn.closed or self.conn.broken:
                     self._reconnect()
+                continue
+            self._count_attempts(mark, number)
+            return outcome
         raise AssertionError("unreachable")
+
+    def _count_attempts(self, mark: int, attempts: int) -> None:
+        for action in self.result.actions[mark:]:
+            action.attempts = attempts
 
     # -- outcome --------------------------------------------------------------------------------
 

@@ -215,7 +215,7 @@ SET seen_count = e.seen_count + 1,
 
 DELETE FROM public.workspace_neural_entities WHERE id % 3 <> 0;
 
--- workspace_temporal_states (SCD2): 20k entities x 3 versions, then a change for every other
+-- workspace_temporal_states (SCD2): 12k entities x 3 versions, then a change for every other
 -- entity closes its current version and opens a new one.
 INSERT INTO public.workspace_temporal_states
        (workspace_id, entity_id, state, attributes, valid_from, valid_to)
@@ -225,7 +225,7 @@ SELECT 1 + e % 120,
        jsonb_build_object('owner', format('team-%s', e % 40), 'rev', v),
        now() - make_interval(days => 400 - v * 120, mins => e % 1440),
        CASE WHEN v < 2 THEN now() - make_interval(days => 400 - (v + 1) * 120, mins => e % 1440) END
-FROM generate_series(1, 20000) AS e, generate_series(0, 2) AS v;
+FROM generate_series(1, 12000) AS e, generate_series(0, 2) AS v;
 
 UPDATE public.workspace_temporal_states
 SET valid_to = now() - make_interval(days => (1 + entity_id % 30)::int)
@@ -239,7 +239,7 @@ SELECT 1 + e % 120,
        jsonb_build_object('owner', format('team-%s', e % 40), 'rev', 3),
        now() - make_interval(days => 1 + e % 30),
        NULL
-FROM generate_series(2, 20000, 2) AS e;
+FROM generate_series(2, 12000, 2) AS e;
 
 -- workspace_workflow_runs: 330k runs over the last 60 days. The newest 60k go through
 -- queued -> running -> finished as status updates (non-HOT), then runs are purged so that about
@@ -275,17 +275,19 @@ DELETE FROM public.workspace_workflow_runs WHERE id % 3 <> 0;
 -- Partitioned tables
 -- ---------------------------------------------------------------------------------------------
 
--- workspace_operations_metrics: 110k rows in each of the 15 months up to now (the oldest two
--- are past the 12-month retention); the future partition stays empty.
+-- workspace_operations_metrics: the three newest months (current one included) hold 105k rows
+-- each (large, insert-only partitions for autovacuum tuning); the 12 months before hold 8k each,
+-- and the oldest two of them are past the 12-month retention. The future partition stays empty.
 INSERT INTO public.workspace_operations_metrics (workspace_id, metric, value, created_at)
 SELECT 1 + i % 120,
        (ARRAY['api.requests', 'api.latency_ms', 'ingest.events', 'search.queries', 'jobs.completed'])[1 + i % 5],
        random() * 1000,
-       lo + (least(lo + interval '1 month', now()) - lo) * (i / 110000.0)
+       lo + (least(lo + interval '1 month', now()) - lo) * (i::float8 / n)
 FROM generate_series(14, 0, -1) AS m,
      LATERAL (SELECT date_trunc('month', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'
-                     - make_interval(months => m)) AS b (lo),
-     generate_series(0, 109999) AS i;
+                     - make_interval(months => m),
+                     CASE WHEN m <= 2 THEN 105000 ELSE 8000 END) AS b (lo, n),
+     LATERAL generate_series(0, n - 1) AS i;
 
 -- workspace_webhook_payloads: 4000 deliveries (~1 KB of JSON each) in each of the 6 months up to
 -- now; the oldest two months are past the 3-month retention.

