@@ -75,7 +75,7 @@ class Defaults(Strict):
 
 
 class Http(Strict):
-    listen: str = "0.0.0.0:9188"  # noqa: S104 - a sidecar must be reachable by the scraper
+    listen: str = "0.0.0.0:9188"
     trigger_token_file: Path | None = None
 
 

@@ -132,6 +132,7 @@ class _Run:
         discovered = self._discover(context)
         step_rows = [r for r in discovered if r.get("action", True) not in (False, None)]
         step_outcomes = self._apply(context, step_rows)
+        self._after(context, discovered, step_outcomes)
         self._verify(context)
         findings = self._report(context, discovered, step_outcomes)
         self.result.findings = [json_safe(f) for f in findings]
@@ -265,6 +266,20 @@ class _Run:
         self.result.actions.extend(merged)
         return total
 
+    def _after(
+        self, context: dict[str, Any], discovered: list[dict[str, Any]], outcomes: list[dict[str, Any]]
+    ) -> None:
+        """Once after all steps, autocommit (VACUUM, ANALYZE): `steps` says what happened."""
+        if not self.unit.has_block("after") or self.result.status == "failed":
+            return
+        statements = self._render("after", {**context, "discovered": discovered, "steps": outcomes})
+        if self.opts.dry_run:
+            self.result.actions.extend(Action(s.sql, "planned") for s in statements)
+            return
+        for statement in statements:
+            self._check_cancel()
+            self._with_retries(lambda s=statement: self._run_one(s, autocommit=True))
+
     def _verify(self, context: dict[str, Any]) -> None:
         if self.opts.dry_run or not self.unit.has_block("verify") or self.result.status == "failed":
             return
@@ -289,7 +304,7 @@ class _Run:
     def _render(self, block: str, context: Mapping[str, Any]) -> list[Statement]:
         text, values = self.unit.render_block(block, context)
         statements = split_statements(text, values, where=f"{self.unit.path.name} ({block}): ")
-        if not statements and block != "apply":
+        if not statements and block not in ("apply", "after"):
             raise RunFailed(f"{self.unit.path.name}: {block} rendered no statement")
         return statements
 

@@ -29,7 +29,7 @@ from maintainer.values import (
     parse_size,
 )
 
-BLOCKS = ("discover", "apply", "verify", "report", "check")
+BLOCKS = ("discover", "apply", "after", "verify", "report", "check")
 ParamType = Literal[
     "table", "identifier", "string", "integer", "number", "boolean", "duration", "size",
     "interval", "list", "map", "sql", "any",

@@ -41,7 +41,7 @@ def parse_duration(value: Any) -> timedelta:
         if value.strip().upper().startswith("P"):
             try:
                 return _TIMEDELTA.validate_python(value.strip())
-            except Exception:  # noqa: BLE001 - re-raised below with a clearer message
+            except Exception:
                 pass
     raise ValueError(f"{value!r} is not a duration (use e.g. 500ms, 2s, 5min, 1h, 7 days or ISO-8601 PT5M)")
 

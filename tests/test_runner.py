@@ -73,7 +73,7 @@ def test_trigger_runs_steps_verifies_and_records_the_ledger(workspace: Workspace
     assert run["status"] == "ok" and run["error"] is None
     assert [f["id"] for f in run["findings"]] == [1, 2, 3]
     assert [a["rows"] for a in run["actions"]] == [1, 1, 1]
-    assert all('UPDATE "public"."items" SET done = true WHERE id = $1' == a["sql"] for a in run["actions"])
+    assert all(a["sql"] == 'UPDATE "public"."items" SET done = true WHERE id = $1' for a in run["actions"])
     assert db.execute("SELECT count(*) FROM items WHERE NOT done") == [(0,)]
     ledger = db.execute("SELECT job, unit, target, item, status, trigger FROM maintainer.run")
     assert ledger == [("count", "counter", "app", None, "ok", "manual")]
