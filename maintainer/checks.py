@@ -112,7 +112,7 @@ def _unit_checks(project: Project, target: str, conn: psycopg.Connection[Any]) -
                     cur.execute(statement.sql, statement.params or None)
                     rows = cur.fetchall() if cur.description else []
             for row in rows:
-                level, message = str(row[0]), str(row[1])
+                level, message = str(row["level"]), str(row["message"])
                 checks.append(Check("warn" if level not in ("ok", "error") else level,  # type: ignore[arg-type]
                                     f"unit {name} on {target}", message))
     return checks

@@ -560,6 +560,15 @@ class LocalCluster:
 
     # ----------------------------------------------------------------- internals
 
+    def restart_as_standby(self) -> None:
+        """Restart in standby mode (no primary): a real server in recovery, read-only, for replica tests."""
+        port = self.port
+        (self.data_dir / "standby.signal").touch()
+        self._shutdown()
+        rc, out = self._pg_ctl("start", "-l", self.log_path, "-t", str(_START_TIMEOUT_S), "-o", f"-p {port}")
+        if rc != 0:
+            raise ClusterStartError(f"standby restart failed:\n{out.strip()}\n{_tail(self.log_path)}")
+
     def _make_root_dir(self) -> None:
         base = self.base_dir if self.base_dir is not None else Path(tempfile.gettempdir())
         base.mkdir(parents=True, exist_ok=True)

@@ -325,3 +325,22 @@ def test_direct_connection_is_named(db: Database) -> None:
         row = conn.execute("SELECT current_setting('application_name') AS name").fetchone()
         assert row is not None and row["name"] == "pg-maintainer test"
     assert isinstance(conn, psycopg.Connection)
+
+
+def test_nothing_runs_on_a_replica_in_recovery(tmp_path: Path) -> None:
+    from maintainer.pgserver import LocalCluster, available_kinds
+    from tests.conftest import Workspace
+
+    kind = available_kinds()[0]
+    with LocalCluster(kind) as cluster:
+        cluster.restart_as_standby()
+        ws = Workspace(tmp_path, cluster.dsn())
+        (tmp_path / "jobs").mkdir()
+        (tmp_path / "templates").mkdir()
+        ws.write_config()
+        ws.unit("fast", "---\ndescription: x\n---\n{% block apply %}\nSELECT 1;\n{% endblock %}\n")
+        ws.job("fast", unit="fast")
+        result = ws.cli("trigger", "fast", "--json")
+        assert result.exit_code == 3, result.output
+        run = json.loads(result.output)["runs"][0]
+        assert run["status"] == "skipped" and "replica in recovery" in run["reason"]
