@@ -104,7 +104,8 @@ def _unit_checks(project: Project, target: str, conn: psycopg.Connection[Any]) -
         unit = project.units[name]
         if not unit.has_block("check"):
             continue
-        text, values = unit.render_block("check", {"target": target, "params": {}, "args": {}})
+        text, values = unit.render_block("check", {"target": target, "params": {}, "args": {},
+                                                 "state_schema": project.settings.state_schema})
         for statement in split_statements(text, values):
             with conn.transaction():
                 conn.execute("SET TRANSACTION READ ONLY")

@@ -17,8 +17,14 @@ from maintainer.project import Project, load_project, parse_args
 from maintainer.results import RunResult, exit_code
 from maintainer.runner import Progress, RunOptions, run
 
-stdout = Console(soft_wrap=True)
-stderr = Console(stderr=True, soft_wrap=True)
+def _console(stderr: bool = False) -> Console:
+    # Piped output is read by people too (CI logs, `| less`): do not squeeze tables into 80 columns.
+    probe = Console(stderr=stderr)
+    return Console(stderr=stderr, width=None if probe.is_terminal else 200)
+
+
+stdout = _console()
+stderr = _console(stderr=True)
 
 config_option = click.option(
     "--config", "config", metavar="PATH", default=None,

@@ -49,7 +49,8 @@ def print_run(console: Console, result: RunResult, *, show_sql: bool) -> None:
         console.print(f"  [red]error:[/red] {result.error}" + (f" (SQLSTATE {result.sqlstate})" if result.sqlstate else ""),
                       highlight=False)
     if result.findings:
-        console.print(findings_table(result.findings))
+        console.print(findings_table(result.findings, result.display))
+        print_hints(console, result.findings, result.display)
     if result.actions:
         if show_sql:
             for number, action in enumerate(result.actions, 1):
@@ -61,7 +62,7 @@ def print_run(console: Console, result: RunResult, *, show_sql: bool) -> None:
                 first_line = action.sql.strip().splitlines()[0] if action.sql.strip() else ""
                 table.add_row(str(number), action.status, _fmt(action.rows), _fmt(action.seconds), first_line[:100])
             console.print(table)
-    elif result.status in ("ok", "planned"):
+    elif result.status in ("ok", "planned") and not result.findings:
         console.print("  nothing to do", style="dim")
 
 
@@ -74,24 +75,40 @@ def _item_text(item: dict[str, Any] | None) -> str:
 
 
 _HIDDEN_FIELDS = {"action"}
+_SEVERITY: dict[Any, int] = {"critical": 0, "error": 0, "warn": 1, "unknown": 2, "ok": 3}
 
 
-def findings_table(findings: list[dict[str, Any]]) -> Table:
-    columns: list[str] = []
-    for finding in findings:
-        for key in finding:
-            if key not in columns and key not in _HIDDEN_FIELDS:
-                columns.append(key)
+def _cell(key: str, value: Any) -> str:
+    if isinstance(value, float) and (key.endswith("ratio") or "bloat" in key):
+        return f"{value:.1%}"
+    return _fmt(json_safe(value))
+
+
+def findings_table(findings: list[dict[str, Any]], display: list[str] | None = None) -> Table:
+    columns: list[str] = list(display or [])
+    if not columns:
+        for finding in findings:
+            for key in finding:
+                if key not in columns and key not in _HIDDEN_FIELDS and key != "hint":
+                    columns.append(key)
     table = Table(*columns, box=None, pad_edge=False, show_edge=False)
-    for finding in findings:
+    for finding in sorted(findings, key=lambda f: _SEVERITY.get(f.get("level"), 9)):
         cells = []
         for key in columns:
-            text = _fmt(json_safe(finding.get(key)))
+            text = _cell(key, finding.get(key))
             if key == "level" and text in LEVEL_STYLE:
                 text = f"[{LEVEL_STYLE[text]}]{text}[/{LEVEL_STYLE[text]}]"
             cells.append(text)
         table.add_row(*cells)
     return table
+
+
+def print_hints(console: Console, findings: list[dict[str, Any]], display: list[str] | None) -> None:
+    """The remediation hints of findings that need attention, one line each."""
+    for finding in findings:
+        if finding.get("hint") and finding.get("level") not in (None, "ok"):
+            subject = next((str(finding[k]) for k in (display or list(finding)) if finding.get(k)), "")
+            console.print(f"  [yellow]→[/yellow] {subject}: {finding['hint']}", highlight=False)
 
 
 @contextmanager

@@ -75,6 +75,7 @@ class RunResult:
     attempts: int = 0
     run_id: int | None = None
     trigger: str = "manual"
+    display: list[str] | None = None  # finding fields for human output (unit front matter)
 
     @property
     def seconds(self) -> float:

@@ -70,7 +70,8 @@ class _Run:
         self.spec = spec
         self.opts = options
         self.unit = spec.unit
-        self.result = RunResult(spec.job.name, spec.unit.name, spec.target_name, spec.item, trigger=options.trigger)
+        self.result = RunResult(spec.job.name, spec.unit.name, spec.target_name, spec.item, trigger=options.trigger,
+                                display=spec.unit.meta.display)
         defaults = spec.settings.defaults
         self.lock_timeout = spec.job.timeouts.lock or defaults.lock_timeout
         self.statement_timeout = spec.job.timeouts.statement or defaults.statement_timeout
@@ -182,6 +183,7 @@ class _Run:
             "params": self.spec.params,
             "target": self.spec.target_name,
             "job": self.spec.job.name,
+            "state_schema": self.spec.settings.state_schema,
             "now": dt.datetime.now(dt.UTC),
             "args": dict(self.opts.args),
             "dry_run": self.opts.dry_run,

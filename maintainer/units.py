@@ -67,6 +67,8 @@ class FrontMatter(BaseModel):
     max_iterations: int = 100_000
     # stop: a failed step ends the run (later steps may depend on it); continue: the others still run.
     on_step_error: Literal["stop", "continue"] = "stop"
+    # The finding fields shown in human output (all of them are in JSON and the ledger).
+    display: list[str] | None = None
     metrics: dict[str, dict[str, Any]] = Field(default_factory=dict)
     alerts: dict[str, Any] | None = None
 

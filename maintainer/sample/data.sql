@@ -2,15 +2,17 @@
 --
 -- Plain SQL (no psql meta-commands); runs as one multi-statement string or through `psql -f`.
 -- Deterministic apart from now(): values come from fixed expressions over generate_series and from
--- random() after setseed(). All personal data is fake: example.com addresses, IPs from the
--- documentation ranges 192.0.2.0/24 and 2001:db8::/32.
+-- random() after setseed(); timestamps that pick a partition are computed in UTC, whatever the
+-- session time zone. All personal data is fake: example.com addresses, IPs from the documentation
+-- ranges 192.0.2.0/24 and 2001:db8::/32.
 --
 -- The data is shaped so that every maintenance job of the demo finds work:
 --   * sequences at ~90 % (user_api_keys), ~70 % (user_sources) and ~65 % of an int4 column fed
 --     by a bigint sequence (workspace_neural_observations); the rest low;
 --   * partitions older than the retention, and only one future month pre-created;
---   * bloated B-tree indexes on workspace_neural_entities, workspace_workflow_runs and
---     workspace_temporal_states (about two thirds of the rows deleted or superseded);
+--   * bloated B-tree indexes on workspace_neural_entities and workspace_workflow_runs (two thirds
+--     of the rows deleted after upserts / status updates), lighter churn on
+--     workspace_temporal_states, untouched indexes on workspace_neural_observations;
 --   * large append-only and churned tables without autovacuum tuning;
 --   * personal data older than 90 days in workspace_user_activities.
 -- VACUUM cannot run inside a multi-statement string, so this file ends with ANALYZE only;
@@ -107,7 +109,7 @@ SELECT w,
        (ARRAY[0, 4900, 19900, 99900])[1 + (w * 7) % 4] + (w * 31) % 1000,
        CASE WHEN w % 4 = 0 THEN 'USD' ELSE 'EUR' END,
        CASE WHEN m = 1 THEN 'open' WHEN (w + m) % 23 = 0 THEN 'void' ELSE 'paid' END,
-       p + interval '1 month' + interval '2 hours'
+       (p + interval '1 month' + interval '2 hours') AT TIME ZONE 'UTC'
 FROM generate_series(1, 120) AS w,
      generate_series(1, 18) AS m,
      LATERAL (SELECT date_trunc('month', now() AT TIME ZONE 'UTC') - make_interval(months => m)) AS x (p);
@@ -151,8 +153,8 @@ FROM (
     FROM generate_series(1, 50000) AS i
     UNION ALL
     SELECT 50000 + m * 100 + k,
-           date_trunc('month', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'
-               - make_interval(months => m) + make_interval(hours => 1 + k * 6)
+           (date_trunc('month', now() AT TIME ZONE 'UTC') - make_interval(months => m)
+               + make_interval(hours => 1 + k * 6)) AT TIME ZONE 'UTC'
     FROM generate_series(7, 26) AS m, generate_series(0, 99) AS k
 ) AS t (i, created_at),
 LATERAL (SELECT 1 + (t.i * 7) % 500) AS uu (u),
@@ -176,9 +178,9 @@ SELECT 1 + i % 120,
        1 + (i::bigint * 7919) % 200000,
        (ARRAY['mention', 'dependency', 'ownership', 'similarity', 'co_change'])[1 + i % 5],
        round(random()::numeric, 3)::real,
-       now() - make_interval(secs => (100000 - i) * 60),
+       now() - make_interval(secs => (60000 - i) * 90),
        jsonb_build_object('source', (ARRAY['github', 'linear', 'notion'])[1 + i % 3], 'v', 2)
-FROM generate_series(1, 100000) AS i;
+FROM generate_series(1, 60000) AS i;
 
 -- workspace_neural_entities: 200k entities (ids 1..200000), then one sync re-sends 40k known
 -- entities plus 4k new ones (upsert, non-HOT because updated_at is indexed), then two thirds of
@@ -241,23 +243,23 @@ SELECT 1 + e % 120,
        NULL
 FROM generate_series(2, 12000, 2) AS e;
 
--- workspace_workflow_runs: 330k runs over the last 60 days. The newest 60k go through
+-- workspace_workflow_runs: 310k runs over the last 54 days. The newest 30k go through
 -- queued -> running -> finished as status updates (non-HOT), then runs are purged so that about
--- 110k remain, spread over the whole table.
+-- 103k remain, spread over the whole table.
 INSERT INTO public.workspace_workflow_runs
        (workspace_id, workflow_name, trigger, status, attempt, queued_at, started_at, finished_at, updated_at)
 SELECT 1 + i % 120,
        (ARRAY['index-repository', 'sync-linear', 'embed-documents', 'nightly-digest', 'reconcile-entities'])[1 + i % 5],
        (ARRAY['push', 'schedule', 'manual', 'webhook'])[1 + (i * 3) % 4],
-       CASE WHEN i > 270000 THEN 'queued'
+       CASE WHEN i > 280000 THEN 'queued'
             WHEN i % 20 = 0 THEN 'failed' WHEN i % 37 = 0 THEN 'cancelled' ELSE 'succeeded' END,
        CASE WHEN i % 20 = 0 THEN 2 ELSE 1 END,
        q,
-       CASE WHEN i <= 270000 THEN q + interval '3 seconds' END,
-       CASE WHEN i <= 270000 THEN q + make_interval(secs => 20 + i % 600) END,
-       CASE WHEN i <= 270000 THEN q + make_interval(secs => 20 + i % 600) ELSE q END
-FROM generate_series(1, 330000) AS i,
-     LATERAL (SELECT now() - make_interval(secs => (330000 - i) * 15 + 60)) AS x (q);
+       CASE WHEN i <= 280000 THEN q + interval '3 seconds' END,
+       CASE WHEN i <= 280000 THEN q + make_interval(secs => 20 + i % 600) END,
+       CASE WHEN i <= 280000 THEN q + make_interval(secs => 20 + i % 600) ELSE q END
+FROM generate_series(1, 310000) AS i,
+     LATERAL (SELECT now() - make_interval(secs => (310000 - i) * 15 + 60)) AS x (q);
 
 UPDATE public.workspace_workflow_runs
 SET status = 'running', started_at = queued_at + interval '2 seconds', updated_at = queued_at + interval '2 seconds'
@@ -275,18 +277,19 @@ DELETE FROM public.workspace_workflow_runs WHERE id % 3 <> 0;
 -- Partitioned tables
 -- ---------------------------------------------------------------------------------------------
 
--- workspace_operations_metrics: the three newest months (current one included) hold 105k rows
--- each (large, insert-only partitions for autovacuum tuning); the 12 months before hold 8k each,
--- and the oldest two of them are past the 12-month retention. The future partition stays empty.
+-- workspace_operations_metrics: the current and the previous month hold 102k rows each (large,
+-- insert-only partitions for autovacuum tuning); the 13 months before hold 6k each, and the
+-- oldest two of them are past the 12-month retention. The future partition stays empty.
 INSERT INTO public.workspace_operations_metrics (workspace_id, metric, value, created_at)
 SELECT 1 + i % 120,
        (ARRAY['api.requests', 'api.latency_ms', 'ingest.events', 'search.queries', 'jobs.completed'])[1 + i % 5],
        random() * 1000,
-       lo + (least(lo + interval '1 month', now()) - lo) * (i::float8 / n)
+       lo + make_interval(secs => extract(epoch FROM hi - lo) * i / n)
 FROM generate_series(14, 0, -1) AS m,
-     LATERAL (SELECT date_trunc('month', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'
-                     - make_interval(months => m),
-                     CASE WHEN m <= 2 THEN 105000 ELSE 8000 END) AS b (lo, n),
+     LATERAL (SELECT date_trunc('month', now() AT TIME ZONE 'UTC') - make_interval(months => m),
+                     CASE WHEN m <= 1 THEN 102000 ELSE 6000 END) AS b (month_utc, n),
+     LATERAL (SELECT month_utc AT TIME ZONE 'UTC',
+                     least((month_utc + interval '1 month') AT TIME ZONE 'UTC', now())) AS r (lo, hi),
      LATERAL generate_series(0, n - 1) AS i;
 
 -- workspace_webhook_payloads: 3000 deliveries (~1 KB of JSON each) in each of the 6 months up to
@@ -322,10 +325,13 @@ SELECT 1 + n % 120,
 FROM generate_series(5, 0, -1) AS m,
      generate_series(0, 2999) AS k,
      LATERAL (SELECT m * 3000 + k,
-                     date_trunc('month', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'
-                         - make_interval(months => m)) AS b (n, lo),
+                     date_trunc('month', now() AT TIME ZONE 'UTC') - make_interval(months => m)
+             ) AS b (n, month_utc),
      LATERAL (SELECT md5('commit-' || n),
-                     lo + (least(lo + interval '1 month', now()) - lo) * (k / 3000.0),
+                     (month_utc AT TIME ZONE 'UTC')
+                         + make_interval(secs => k / 3000.0 * extract(epoch FROM
+                               least((month_utc + interval '1 month') AT TIME ZONE 'UTC', now())
+                               - (month_utc AT TIME ZONE 'UTC'))),
                      (ARRAY['github', 'github', 'linear', 'slack'])[1 + n % 4],
                      (ARRAY['push', 'pull_request', 'issues', 'issue_comment'])[1 + (n / 4) % 4]
               OFFSET 0) AS c (sha, ts, src, ev),
@@ -341,8 +347,8 @@ SELECT 1 + k % 120,
        md5('stray-' || k),
        jsonb_build_object('action', 'push', 'delivery', md5('stray-' || k), 'replayed', k <= 20),
        CASE WHEN k <= 20
-            THEN date_trunc('month', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'
-                     - interval '7 months' + make_interval(days => k)
+            THEN (date_trunc('month', now() AT TIME ZONE 'UTC') - interval '7 months'
+                      + make_interval(days => k)) AT TIME ZONE 'UTC'
             ELSE timestamptz '1970-01-01 00:00:00+00' + make_interval(secs => k) END
 FROM generate_series(1, 25) AS k;
 
