@@ -23,9 +23,9 @@ import psycopg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from maintainer.pgserver import LocalCluster, available_kinds  # noqa: E402
-from maintainer.units import builtin_templates_dir, parse_unit, split_statements  # noqa: E402
-from maintainer.values import QualifiedName  # noqa: E402
+from maintainer.pgserver import LocalCluster, available_kinds
+from maintainer.units import builtin_templates_dir, parse_unit, split_statements
+from maintainer.values import QualifiedName
 
 STEP_UNIT = """---
 description: a typical three-statement step
@@ -57,8 +57,14 @@ def bench_render(conn: psycopg.Connection) -> tuple[float, float]:  # type: igno
         unit = parse_unit(path)
     context = {
         "params": {"table": QualifiedName("public", "events")},
-        "row": {"name": "events_p20260101", "check": "events_p20260101_bounds", "lower": "2026-01-01",
-                "upper": "2026-02-01", "note": "x", "id": 42},
+        "row": {
+            "name": "events_p20260101",
+            "check": "events_p20260101_bounds",
+            "lower": "2026-01-01",
+            "upper": "2026-02-01",
+            "note": "x",
+            "id": 42,
+        },
     }
 
     def step() -> None:
@@ -125,12 +131,16 @@ def main() -> None:
     for kind in kinds:
         with LocalCluster(kind) as cluster, psycopg.connect(cluster.dsn(), autocommit=True) as conn:
             render, round_trip = bench_render(conn)
-            print(f"[{kind.name}] render+split per step: {render * 1e6:.0f} µs; "
-                  f"trivial statement round trip: {round_trip * 1e6:.0f} µs; ratio {render / round_trip:.2f}×")
+            print(
+                f"[{kind.name}] render+split per step: {render * 1e6:.0f} µs; "
+                f"trivial statement round trip: {round_trip * 1e6:.0f} µs; ratio {render / round_trip:.2f}×"
+            )
             ours_t, peer_t, findings = bench_sequences(conn, options.sequences)
-            print(f"[{kind.name}] sequences discover over {options.sequences} sequences ({findings} findings): "
-                  f"{ours_t * 1000:.0f} ms; pg_sequences alone: {peer_t * 1000:.0f} ms; ratio {ours_t / peer_t:.2f}×; "
-                  f"goal < 500 ms: {'met' if ours_t < 0.5 else 'MISSED'}")
+            print(
+                f"[{kind.name}] sequences discover over {options.sequences} sequences ({findings} findings): "
+                f"{ours_t * 1000:.0f} ms; pg_sequences alone: {peer_t * 1000:.0f} ms; ratio {ours_t / peer_t:.2f}×; "
+                f"goal < 500 ms: {'met' if ours_t < 0.5 else 'MISSED'}"
+            )
 
 
 if __name__ == "__main__":

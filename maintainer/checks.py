@@ -32,12 +32,16 @@ def run_checks(project: Project, *, connect: bool = True) -> list[Check]:
     overridden = [u.name for u in project.units.values() if not u.builtin]
     checks = [
         Check("ok", "config", f"{project.path}: {len(settings.targets)} target(s), {len(project.jobs)} job(s)"),
-        Check("ok", "units", f"{len(project.units)} unit(s) parsed"
-              + (f"; user units: {', '.join(sorted(overridden))}" if overridden else "")),
+        Check(
+            "ok",
+            "units",
+            f"{len(project.units)} unit(s) parsed"
+            + (f"; user units: {', '.join(sorted(overridden))}" if overridden else ""),
+        ),
     ]
     if not connect:
         return checks
-    for name, target in sorted(settings.targets.items()):
+    for name in sorted(settings.targets):
         checks.extend(_check_target(project, name))
     for job in sorted(project.jobs.values(), key=lambda j: j.name):
         for spec in project.run_specs(job):
@@ -46,7 +50,11 @@ def run_checks(project: Project, *, connect: bool = True) -> list[Check]:
             if result.status == "failed":
                 checks.append(Check("error", subject, result.error or "failed"))
             else:
-                checks.append(Check("ok", subject, f"{len(result.findings)} finding(s), {len(result.actions)} statement(s) planned"))
+                checks.append(
+                    Check(
+                        "ok", subject, f"{len(result.findings)} finding(s), {len(result.actions)} statement(s) planned"
+                    )
+                )
     return checks
 
 
@@ -59,11 +67,14 @@ def _check_target(project: Project, name: str) -> list[Check]:
         return [Check("error", subject, f"cannot read dsn_file: {exc.strerror}")]
     checks: list[Check] = []
     if re.search(r"(:|port\s*=\s*)6432\b", conninfo):
-        checks.append(Check(
-            "warn", subject,
-            "the DSN uses port 6432, usually PgBouncer: transaction pooling breaks advisory locks and "
-            "CONCURRENTLY; use a direct connection (or declare pooled: true to refuse DDL units)",
-        ))
+        checks.append(
+            Check(
+                "warn",
+                subject,
+                "the DSN uses port 6432, usually PgBouncer: transaction pooling breaks advisory locks and "
+                "CONCURRENTLY; use a direct connection (or declare pooled: true to refuse DDL units)",
+            )
+        )
     try:
         conn = db.connect(conninfo, connect_timeout=5)
     except db.TargetUnavailable as exc:
@@ -71,7 +82,8 @@ def _check_target(project: Project, name: str) -> list[Check]:
     try:
         info = conn.execute(
             "SELECT current_setting('server_version') AS version, current_user AS role,"
-            " pg_is_in_recovery() AS recovery, (SELECT rolsuper FROM pg_roles WHERE rolname = current_user) AS superuser,"
+            " pg_is_in_recovery() AS recovery,"
+            " (SELECT rolsuper FROM pg_roles WHERE rolname = current_user) AS superuser,"
             " has_database_privilege(current_database(), 'CREATE') AS can_create,"
             " (SELECT has_schema_privilege(n.oid, 'CREATE') AND has_schema_privilege(n.oid, 'USAGE')"
             "    FROM pg_namespace n WHERE nspname = %s) AS ledger_writable",
@@ -83,11 +95,14 @@ def _check_target(project: Project, name: str) -> list[Check]:
         if info["recovery"]:
             checks.append(Check("warn", subject, "is a replica in recovery: every run will be skipped"))
         if info["ledger_writable"] is False or (info["ledger_writable"] is None and not info["can_create"]):
-            checks.append(Check(
-                "error", subject,
-                f"cannot create or write the ledger schema {project.settings.state_schema!r}: "
-                f"GRANT CREATE ON DATABASE to {info['role']} or create the schema for it",
-            ))
+            checks.append(
+                Check(
+                    "error",
+                    subject,
+                    f"cannot create or write the ledger schema {project.settings.state_schema!r}: "
+                    f"GRANT CREATE ON DATABASE to {info['role']} or create the schema for it",
+                )
+            )
         checks.extend(_unit_checks(project, name, conn))
     except psycopg.Error as exc:
         checks.append(Check("error", subject, db.error_summary(exc)))
@@ -104,8 +119,9 @@ def _unit_checks(project: Project, target: str, conn: psycopg.Connection[Any]) -
         unit = project.units[name]
         if not unit.has_block("check"):
             continue
-        text, values = unit.render_block("check", {"target": target, "params": {}, "args": {},
-                                                 "state_schema": project.settings.state_schema})
+        text, values = unit.render_block(
+            "check", {"target": target, "params": {}, "args": {}, "state_schema": project.settings.state_schema}
+        )
         for statement in split_statements(text, values):
             with conn.transaction():
                 conn.execute("SET TRANSACTION READ ONLY")
@@ -114,6 +130,11 @@ def _unit_checks(project: Project, target: str, conn: psycopg.Connection[Any]) -
                     rows = cur.fetchall() if cur.description else []
             for row in rows:
                 level, message = str(row["level"]), str(row["message"])
-                checks.append(Check("warn" if level not in ("ok", "error") else level,  # type: ignore[arg-type]
-                                    f"unit {name} on {target}", message))
+                checks.append(
+                    Check(
+                        "warn" if level not in ("ok", "error") else level,  # type: ignore[arg-type]
+                        f"unit {name} on {target}",
+                        message,
+                    )
+                )
     return checks

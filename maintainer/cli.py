@@ -17,6 +17,7 @@ from maintainer.project import Project, load_project, parse_args
 from maintainer.results import RunResult, exit_code
 from maintainer.runner import Progress, RunOptions, run
 
+
 def _console(stderr: bool = False) -> Console:
     # Piped output is read by people too (CI logs, `| less`): do not squeeze tables into 80 columns.
     probe = Console(stderr=stderr)
@@ -27,7 +28,10 @@ stdout = _console()
 stderr = _console(stderr=True)
 
 config_option = click.option(
-    "--config", "config", metavar="PATH", default=None,
+    "--config",
+    "config",
+    metavar="PATH",
+    default=None,
     help="maintainer.yaml (default: $MAINTAINER_CONFIG, else ./maintainer.yaml)",
 )
 
@@ -71,8 +75,13 @@ def jobs(config: str | None, as_json: bool) -> None:
 
 
 def _run_job(
-    project: Project, job_name: str, target: str | None, arg_pairs: tuple[str, ...], dry_run: bool,
-    progress: Callable[[Progress], None] | None, trigger: str = "manual",
+    project: Project,
+    job_name: str,
+    target: str | None,
+    arg_pairs: tuple[str, ...],
+    dry_run: bool,
+    progress: Callable[[Progress], None] | None,
+    trigger: str = "manual",
 ) -> list[RunResult]:
     with _usage_errors():
         job = project.job(job_name)
@@ -85,7 +94,9 @@ def _run_job(
 
 
 target_option = click.option("-t", "--target", default=None, help="only this target")
-arg_option = click.option("--arg", "args", multiple=True, metavar="K=V", help="a value for the unit (bound, never interpolated)")
+arg_option = click.option(
+    "--arg", "args", multiple=True, metavar="K=V", help="a value for the unit (bound, never interpolated)"
+)
 
 
 @main.command()
@@ -108,7 +119,9 @@ def plan(job: str, target: str | None, args: tuple[str, ...], config: str | None
 @config_option
 @click.option("--dry-run", is_flag=True, help="plan only; nothing is changed or recorded")
 @click.option("--json", "as_json", is_flag=True)
-def trigger(job: str, target: str | None, args: tuple[str, ...], config: str | None, dry_run: bool, as_json: bool) -> None:
+def trigger(
+    job: str, target: str | None, args: tuple[str, ...], config: str | None, dry_run: bool, as_json: bool
+) -> None:
     """Run JOB now, by hand."""
     project = _load(config)
     with output.progress_reporter(stderr, enabled=not as_json and stderr.is_terminal) as progress:

@@ -84,12 +84,26 @@ class Sentry(Strict):
     environment: str = "production"
 
 
+class Scheduler(Strict):
+    """The daemon's scheduling knobs (`maintainer run`)."""
+
+    # APScheduler's default is 1 s: a GC pause or a busy worker pool would silently drop runs.
+    misfire_grace_time: Duration = timedelta(minutes=5)
+    # Random delay added to every scheduled run, to spread many targets firing on the same tick.
+    jitter: Duration = timedelta(0)
+    # (job, target) schedules that may run at the same time; the items of one job run in sequence.
+    max_workers: int = Field(default=8, ge=1, le=64)
+    # SIGTERM: runs stop at their next safe point; a statement still running this long after the
+    # signal is cancelled, so the process exits before Kubernetes' default 30 s kill.
+    shutdown_grace: Duration = timedelta(seconds=25)
+    # On start, run once a (job, target) whose last tick was missed while no daemon was up.
+    catch_up: bool = True
+
+
 class Settings(BaseSettings):
     """`maintainer.yaml`. Environment variables (`MAINTAINER_…`, `__` for nesting) win over the file."""
 
-    model_config = SettingsConfigDict(
-        env_prefix="MAINTAINER_", env_nested_delimiter="__", extra="forbid", frozen=True
-    )
+    model_config = SettingsConfigDict(env_prefix="MAINTAINER_", env_nested_delimiter="__", extra="forbid", frozen=True)
 
     targets: dict[str, Target] = Field(default_factory=dict)
     jobs_dir: Path = Path("jobs")
@@ -98,6 +112,7 @@ class Settings(BaseSettings):
     state_schema: str = "maintainer"
     http: Http = Http()
     sentry: Sentry = Sentry()
+    scheduler: Scheduler = Scheduler()
     log_format: Literal["json", "text"] = "json"
 
     @field_validator("targets")
@@ -131,8 +146,13 @@ class Settings(BaseSettings):
 
 
 _CRON_ALIASES = {
-    "@yearly": "0 0 1 1 *", "@annually": "0 0 1 1 *", "@monthly": "0 0 1 * *",
-    "@weekly": "0 0 * * 0", "@daily": "0 0 * * *", "@midnight": "0 0 * * *", "@hourly": "0 * * * *",
+    "@yearly": "0 0 1 1 *",
+    "@annually": "0 0 1 1 *",
+    "@monthly": "0 0 1 * *",
+    "@weekly": "0 0 * * 0",
+    "@daily": "0 0 * * *",
+    "@midnight": "0 0 * * *",
+    "@hourly": "0 * * * *",
 }
 
 
@@ -142,8 +162,47 @@ def cron_trigger(expression: str, jitter: int | None = None) -> CronTrigger:
     if len(crontab) != 5:
         raise ValueError("expected 5 fields: minute hour day-of-month month day-of-week")
     minute, hour, day, month, day_of_week = crontab
-    return CronTrigger(minute=minute, hour=hour, day=day, month=month, day_of_week=day_of_week,
-                       timezone="UTC", jitter=jitter)
+    return CronTrigger(
+        minute=minute, hour=hour, day=day, month=month, day_of_week=cron_weekdays(day_of_week), timezone="UTC",
+        jitter=jitter,
+    )
+
+
+_WEEKDAYS = ("sun", "mon", "tue", "wed", "thu", "fri", "sat")
+
+
+def cron_weekdays(field: str) -> str:
+    """A cron day-of-week field as APScheduler 3 day names.
+
+    Cron counts from Sunday (0, and 7 again); APScheduler 3 counts from Monday, so a literal `0`
+    would fire on Mondays and `1-5` on Tuesday to Saturday. Expanding to names removes the doubt.
+    """
+    if field == "*":
+        return field
+    days: set[int] = set()
+    for part in field.lower().split(","):
+        body, slash, step_text = part.partition("/")
+        step = int(step_text) if slash else 1
+        if body == "*":
+            low, high = 0, 6
+        elif "-" in body:
+            first, last = body.split("-", 1)
+            low, high = _weekday(first), _weekday(last)
+        else:
+            low = _weekday(body)
+            high = 7 if slash else low
+        if step < 1 or low > high:
+            raise ValueError(f"day-of-week {part!r} is not a valid range")
+        days.update(day % 7 for day in range(low, high + 1, step))
+    return ",".join(_WEEKDAYS[day] for day in sorted(days))
+
+
+def _weekday(text: str) -> int:
+    if text in _WEEKDAYS:
+        return _WEEKDAYS.index(text)
+    if text.isdigit() and int(text) <= 7:
+        return int(text)
+    raise ValueError(f"day-of-week {text!r} must be 0-7 or sun..sat")
 
 
 class Window(Strict):

@@ -34,7 +34,9 @@ def redact_dsn(text: str) -> str:
     return re.sub(r"(password\s*=\s*)('[^']*'|\S+)", r"\1***", text, flags=re.IGNORECASE)
 
 
-def connect(conninfo: str, *, application_name: str = APPLICATION_NAME, connect_timeout: int = 10) -> psycopg.Connection[Any]:
+def connect(
+    conninfo: str, *, application_name: str = APPLICATION_NAME, connect_timeout: int = 10
+) -> psycopg.Connection[Any]:
     """A direct autocommit connection; transactions are opened explicitly by the runner."""
     try:
         return psycopg.connect(
@@ -42,10 +44,12 @@ def connect(conninfo: str, *, application_name: str = APPLICATION_NAME, connect_
             autocommit=True,
             application_name=application_name,
             connect_timeout=connect_timeout,
-            row_factory=dict_row,  # type: ignore[arg-type]
+            row_factory=dict_row,
         )
     except psycopg.OperationalError as exc:
-        raise TargetUnavailable(redact_dsn(str(exc).strip().splitlines()[0] if str(exc).strip() else "connection failed")) from None
+        raise TargetUnavailable(
+            redact_dsn(str(exc).strip().splitlines()[0] if str(exc).strip() else "connection failed")
+        ) from None
 
 
 def set_timeouts(conn: psycopg.Connection[Any], *, lock_timeout: timedelta, statement_timeout: timedelta) -> None:
@@ -58,7 +62,7 @@ def set_timeouts(conn: psycopg.Connection[Any], *, lock_timeout: timedelta, stat
 
 def is_in_recovery(conn: psycopg.Connection[Any]) -> bool:
     row = conn.execute("SELECT pg_is_in_recovery() AS recovery").fetchone()
-    return bool(row and row["recovery"])  # type: ignore[call-overload]
+    return bool(row and row["recovery"])
 
 
 def advisory_key(*parts: str) -> int:
@@ -69,7 +73,7 @@ def advisory_key(*parts: str) -> int:
 
 def try_advisory_lock(conn: psycopg.Connection[Any], key: int) -> bool:
     row = conn.execute("SELECT pg_try_advisory_lock(%s) AS locked", (key,)).fetchone()
-    return bool(row and row["locked"])  # type: ignore[call-overload]
+    return bool(row and row["locked"])
 
 
 def advisory_unlock(conn: psycopg.Connection[Any], key: int) -> None:

@@ -45,20 +45,24 @@ def sample_sql(name: str) -> str:
 def write_config(workdir: Path, dsn: str) -> Path:
     workdir.mkdir(parents=True, exist_ok=True)
     config = workdir / "maintainer.yaml"
-    config.write_text(yaml.safe_dump({
-        "targets": {"demo": {"dsn": dsn}},
-        "jobs_dir": str(sample_jobs_dir()),
-        "defaults": {"lock_timeout": "2s", "statement_timeout": "10min"},
-        "log_format": "text",
-    }))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "targets": {"demo": {"dsn": dsn}},
+                "jobs_dir": str(sample_jobs_dir()),
+                "defaults": {"lock_timeout": "2s", "statement_timeout": "10min"},
+                "log_format": "text",
+            }
+        )
+    )
     return config
 
 
 def load_sample(dsn: str, console: Console) -> float:
     started = time.monotonic()
     with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute(sample_sql("schema.sql"))  # type: ignore[arg-type]
-        conn.execute(sample_sql("data.sql"))  # type: ignore[arg-type]
+        conn.execute(sample_sql("schema.sql"))
+        conn.execute(sample_sql("data.sql"))
     seconds = time.monotonic() - started
     console.print(f"sample schema loaded in {seconds:.1f}s")
     return seconds
@@ -84,8 +88,10 @@ def print_summary(console: Console, results: list[RunResult]) -> None:
         counts[result.status] = counts.get(result.status, 0) + 1
     statements = sum(len(r.actions) for r in results)
     findings = sum(len(r.findings) for r in results)
-    console.print(f"{len(results)} runs ({', '.join(f'{n} {s}' for s, n in sorted(counts.items()))}), "
-                  f"{statements} statements executed, {findings} findings")
+    console.print(
+        f"{len(results)} runs ({', '.join(f'{n} {s}' for s, n in sorted(counts.items()))}), "
+        f"{statements} statements executed, {findings} findings"
+    )
     for result in results:
         if result.status == "failed":
             console.print(f"[red]failed:[/red] {result.job} [{output._item_text(result.item)}]: {result.error}")
@@ -113,9 +119,11 @@ def run_demo(console: Console, *, workdir: str = ".demo", keep: bool = False) ->
             return 2
         print_summary(console, results)
         if keep:
-            console.print(f"\nthe demo database keeps running: {dsn}\n"
-                          f"try e.g.: maintainer plan partitions --config {config}\n"
-                          "press Ctrl-C to stop it")
+            console.print(
+                f"\nthe demo database keeps running: {dsn}\n"
+                f"try e.g.: maintainer plan partitions --config {config}\n"
+                "press Ctrl-C to stop it"
+            )
             try:
                 while True:
                     time.sleep(3600)

@@ -114,14 +114,15 @@ class Ledger:
 
     def current_version(self) -> int:
         row = self.conn.execute(
-            "SELECT to_regclass(%s) IS NOT NULL AS present", (f"{sql.Identifier(self.schema).as_string(None)}.schema_version",)
+            "SELECT to_regclass(%s) IS NOT NULL AS present",
+            (f"{sql.Identifier(self.schema).as_string(None)}.schema_version",),
         ).fetchone()
-        if not row or not row["present"]:  # type: ignore[call-overload]
+        if not row or not row["present"]:
             return 0
         version = self.conn.execute(
             sql.SQL("SELECT coalesce(max(version), 0) AS v FROM {}.schema_version").format(self._s)
         ).fetchone()
-        return int(version["v"]) if version else 0  # type: ignore[call-overload]
+        return int(version["v"]) if version else 0
 
     def ensure(self) -> None:
         """Create or upgrade the ledger tables; cheap when they are current."""
@@ -137,7 +138,7 @@ class Ledger:
                     continue
                 for statement in _MIGRATIONS[number].split(";"):
                     if statement.strip():
-                        self.conn.execute(sql.SQL(statement.replace("{schema}", "{s}")).format(s=self._s))  # type: ignore[arg-type]
+                        self.conn.execute(sql.SQL(statement.replace("{schema}", "{s}")).format(s=self._s))
                 self.conn.execute(
                     sql.SQL("INSERT INTO {}.schema_version (version) VALUES (%s)").format(self._s), (number,)
                 )
@@ -145,19 +146,37 @@ class Ledger:
     # -- runs -----------------------------------------------------------------------------------
 
     def start_run(
-        self, *, job: str, unit: str, target: str, item: str | None, lock_key: int, trigger: str,
-        params: dict[str, Any], status: str = "running",
+        self,
+        *,
+        job: str,
+        unit: str,
+        target: str,
+        item: str | None,
+        lock_key: int,
+        trigger: str,
+        params: dict[str, Any],
+        status: str = "running",
     ) -> int:
         row = self.conn.execute(
             sql.SQL(
                 "INSERT INTO {}.run (job, unit, target, item, lock_key, trigger, triggered_by, host, status, params)"
                 " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING id"
             ).format(self._s),
-            (job, unit, target, item, lock_key, trigger, who_triggered(trigger), socket.gethostname(), status,
-             to_jsonb(params)),
+            (
+                job,
+                unit,
+                target,
+                item,
+                lock_key,
+                trigger,
+                who_triggered(trigger),
+                socket.gethostname(),
+                status,
+                to_jsonb(params),
+            ),
         ).fetchone()
         assert row is not None
-        return int(row["id"])  # type: ignore[call-overload]
+        return int(row["id"])
 
     def mark_interrupted(self, lock_key: int, current_run: int) -> int:
         """Earlier runs of this lock still `running` died with their process: say so."""
@@ -172,8 +191,16 @@ class Ledger:
         return cur.rowcount
 
     def finish_run(
-        self, run_id: int, *, status: str, attempts: int, sqlstate: str | None, error: str | None,
-        actions: Sequence[dict[str, Any]], findings: Sequence[dict[str, Any]], summary: dict[str, Any] | None,
+        self,
+        run_id: int,
+        *,
+        status: str,
+        attempts: int,
+        sqlstate: str | None,
+        error: str | None,
+        actions: Sequence[dict[str, Any]],
+        findings: Sequence[dict[str, Any]],
+        summary: dict[str, Any] | None,
         level_field: str | None,
     ) -> None:
         with self.conn.transaction():
@@ -192,8 +219,16 @@ class Ledger:
                             " VALUES (%s, %s, %s, %s, %s, %s, %s, %s)"
                         ).format(self._s),
                         [
-                            (run_id, i, a["sql"], a["status"], a.get("rows"), a.get("seconds"),
-                             a.get("attempts", 1), a.get("sqlstate"))
+                            (
+                                run_id,
+                                i,
+                                a["sql"],
+                                a["status"],
+                                a.get("rows"),
+                                a.get("seconds"),
+                                a.get("attempts", 1),
+                                a.get("sqlstate"),
+                            )
                             for i, a in enumerate(actions, 1)
                         ],
                     )
@@ -234,7 +269,7 @@ class Ledger:
             ).format(s=self._s, w=where),
             params,
         ).fetchall()
-        return [dict(r) for r in rows]  # type: ignore[call-overload]
+        return [dict(r) for r in rows]
 
     def last_runs(self) -> dict[tuple[str, str], dict[str, Any]]:
         """The newest finished run per (job, target), for `maintainer jobs`."""
@@ -246,16 +281,16 @@ class Ledger:
                 " FROM {}.run WHERE status <> 'running' ORDER BY job, target, started_at DESC"
             ).format(self._s)
         ).fetchall()
-        return {(r["job"], r["target"]): dict(r) for r in rows}  # type: ignore[call-overload]
+        return {(r["job"], r["target"]): dict(r) for r in rows}
 
     def actions_of(self, run_id: int) -> list[dict[str, Any]]:
         rows = self.conn.execute(
-            sql.SQL("SELECT seq, sql, status, rows, seconds, sqlstate FROM {}.action WHERE run_id = %s ORDER BY seq").format(
-                self._s
-            ),
+            sql.SQL(
+                "SELECT seq, sql, status, rows, seconds, sqlstate FROM {}.action WHERE run_id = %s ORDER BY seq"
+            ).format(self._s),
             (run_id,),
         ).fetchall()
-        return [dict(r) for r in rows]  # type: ignore[call-overload]
+        return [dict(r) for r in rows]
 
 
 @contextmanager

@@ -46,8 +46,10 @@ def print_run(console: Console, result: RunResult, *, show_sql: bool) -> None:
     if result.reason:
         console.print(f"  {result.reason}", highlight=False)
     if result.error:
-        console.print(f"  [red]error:[/red] {result.error}" + (f" (SQLSTATE {result.sqlstate})" if result.sqlstate else ""),
-                      highlight=False)
+        console.print(
+            f"  [red]error:[/red] {result.error}" + (f" (SQLSTATE {result.sqlstate})" if result.sqlstate else ""),
+            highlight=False,
+        )
     if result.findings:
         console.print(findings_table(result.findings, result.display))
         print_hints(console, result.findings, result.display)
@@ -117,17 +119,27 @@ def progress_reporter(console: Console, *, enabled: bool) -> Iterator[Callable[[
     if not enabled:
         yield None
         return
-    columns = (TextColumn("step {task.fields[step]}"), BarColumn(), MofNCompleteColumn(),
-               TextColumn("rows · {task.fields[batches]} batches"), TimeElapsedColumn())
+    columns = (
+        TextColumn("step {task.fields[step]}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("rows · {task.fields[batches]} batches"),
+        TimeElapsedColumn(),
+    )
     with Progress(*columns, console=console, transient=True) as bar:
         tasks: dict[int, Any] = {}
 
         def report(progress: RunProgress) -> None:
             if progress.step not in tasks:
-                tasks[progress.step] = bar.add_task("", total=progress.estimate, step=f"{progress.step}/{progress.steps}",
-                                                    batches=0)
-            bar.update(tasks[progress.step], completed=progress.rows, batches=progress.iterations,
-                       total=max(progress.estimate or 0, progress.rows) or None)
+                tasks[progress.step] = bar.add_task(
+                    "", total=progress.estimate, step=f"{progress.step}/{progress.steps}", batches=0
+                )
+            bar.update(
+                tasks[progress.step],
+                completed=progress.rows,
+                batches=progress.iterations,
+                total=max(progress.estimate or 0, progress.rows) or None,
+            )
 
         yield report
 
@@ -140,9 +152,9 @@ def job_rows(project: Project) -> list[dict[str, Any]]:
         except (db.TargetUnavailable, OSError):
             continue
         try:
-            for (job, tgt), row in Ledger(conn, project.settings.state_schema).last_runs().items():
-                if tgt == name:
-                    last[(job, tgt)] = row
+            for (job_name, target_name), row in Ledger(conn, project.settings.state_schema).last_runs().items():
+                if target_name == name:
+                    last[(job_name, target_name)] = row
         except psycopg.Error:
             pass
         finally:
@@ -153,15 +165,21 @@ def job_rows(project: Project) -> list[dict[str, Any]]:
         next_run = None
         if job.schedule:
             next_run = cron_trigger(job.schedule).get_next_fire_time(None, now)
-        for target in project.targets_of(job):
-            previous = last.get((job.name, target))
-            rows.append({
-                "job": job.name, "unit": job.unit, "schedule": job.schedule or "manual", "target": target,
-                "window": job.window, "items": len(job.items or []) or None,
-                "next_run": next_run.isoformat() if next_run else None,
-                "last_status": previous["status"] if previous else None,
-                "last_run": previous["started_at"].isoformat() if previous else None,
-            })
+        for target_name in project.targets_of(job):
+            previous = last.get((job.name, target_name))
+            rows.append(
+                {
+                    "job": job.name,
+                    "unit": job.unit,
+                    "schedule": job.schedule or "manual",
+                    "target": target_name,
+                    "window": job.window,
+                    "items": len(job.items or []) or None,
+                    "next_run": next_run.isoformat() if next_run else None,
+                    "last_status": previous["status"] if previous else None,
+                    "last_run": previous["started_at"].isoformat() if previous else None,
+                }
+            )
     return rows
 
 
@@ -170,9 +188,15 @@ def print_jobs(console: Console, rows: list[dict[str, Any]]) -> None:
     for row in rows:
         status = row["last_status"] or "never run"
         style = STATUS_STYLE.get(status, "dim")
-        table.add_row(row["job"], row["unit"], row["schedule"] + (f" in {row['window']}" if row["window"] else ""),
-                      row["target"], _fmt(row["items"]), (row["next_run"] or "")[:16].replace("T", " "),
-                      f"[{style}]{status}[/{style}]" + (f" {row['last_run'][:16].replace('T', ' ')}" if row["last_run"] else ""))
+        table.add_row(
+            row["job"],
+            row["unit"],
+            row["schedule"] + (f" in {row['window']}" if row["window"] else ""),
+            row["target"],
+            _fmt(row["items"]),
+            (row["next_run"] or "")[:16].replace("T", " "),
+            f"[{style}]{status}[/{style}]" + (f" {row['last_run'][:16].replace('T', ' ')}" if row["last_run"] else ""),
+        )
     console.print(table)
 
 
@@ -194,7 +218,9 @@ def collect_history(project: Project, job: str | None, limit: int) -> list[dict[
 
 
 def print_history(console: Console, runs: list[dict[str, Any]]) -> None:
-    table = Table("started (UTC)", "job", "target", "item", "trigger", "status", "seconds", "actions", "findings", "error")
+    table = Table(
+        "started (UTC)", "job", "target", "item", "trigger", "status", "seconds", "actions", "findings", "error"
+    )
     for run in runs:
         started = run.get("started_at") or ""
         seconds = ""
@@ -206,9 +232,18 @@ def print_history(console: Console, runs: list[dict[str, Any]]) -> None:
         trigger = run.get("trigger", "")
         if run.get("triggered_by"):
             trigger += f" ({run['triggered_by']})"
-        table.add_row(started[:19].replace("T", " "), run.get("job", ""), run.get("target", ""), run.get("item") or "",
-                      trigger, f"[{style}]{status}[/{style}]", seconds, _fmt(run.get("actions")),
-                      _fmt(run.get("findings")), (run.get("error") or "")[:80])
+        table.add_row(
+            started[:19].replace("T", " "),
+            run.get("job", ""),
+            run.get("target", ""),
+            run.get("item") or "",
+            trigger,
+            f"[{style}]{status}[/{style}]",
+            seconds,
+            _fmt(run.get("actions")),
+            _fmt(run.get("findings")),
+            (run.get("error") or "")[:80],
+        )
     console.print(table)
 
 

@@ -71,8 +71,15 @@ class Project:
             for index, item in enumerate(items):
                 params = self._params[(job.name, index if job.items else -1)]
                 specs.append(
-                    RunSpec(job, self.units[job.unit], target_name, self.settings.targets[target_name], item,
-                            params, self.settings)
+                    RunSpec(
+                        job,
+                        self.units[job.unit],
+                        target_name,
+                        self.settings.targets[target_name],
+                        item,
+                        params,
+                        self.settings,
+                    )
                 )
         return specs
 
@@ -115,7 +122,9 @@ def load_project(explicit_path: str | None = None) -> Project:
                     f"{where}: targets: {target!r} is declared pooled (transaction-mode pooler); unit "
                     f"{unit.name!r} runs DDL and needs a direct connection"
                 )
-        variants = [(i, {**job.params, **item}) for i, item in enumerate(job.items)] if job.items else [(-1, job.params)]
+        variants = (
+            [(i, {**job.params, **item}) for i, item in enumerate(job.items)] if job.items else [(-1, job.params)]
+        )
         for index, values in variants:
             label = where if index < 0 else f"{where}: items[{index}]"
             try:

@@ -46,7 +46,9 @@ class Action:
 
     def to_json(self) -> dict[str, Any]:
         data: dict[str, Any] = {
-            "sql": self.sql, "status": self.status, "rows": self.rows,
+            "sql": self.sql,
+            "status": self.status,
+            "rows": self.rows,
             "seconds": None if self.seconds is None else round(self.seconds, 6),
         }
         if self.attempts > 1:
@@ -84,7 +86,10 @@ class RunResult:
 
     def to_json(self) -> dict[str, Any]:
         data: dict[str, Any] = {
-            "job": self.job, "unit": self.unit, "target": self.target, "item": json_safe(self.item),
+            "job": self.job,
+            "unit": self.unit,
+            "target": self.target,
+            "item": json_safe(self.item),
             "status": self.status,
             "started_at": self.started_at.isoformat(),
             "finished_at": self.finished_at.isoformat() if self.finished_at else None,

@@ -10,6 +10,7 @@ and writes nothing, not even the ledger.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import random
 import threading
 import time
@@ -48,6 +49,13 @@ class RunOptions:
     dry_run: bool = False
     progress: Callable[[Progress], None] | None = None
     cancel: threading.Event | None = None  # set by SIGTERM: stop at the next safe point
+    # Called once the advisory lock is held, before the run is recorded; a returned reason skips the
+    # run (recorded as skipped). The daemon uses it to run a scheduled tick once across replicas and
+    # to check in to Sentry Crons from the lock holder only.
+    on_locked: Callable[[Ledger], str | None] | None = None
+    # Called with every work connection the run opens (reconnects too), so a daemon shutting down can
+    # cancel a statement that outlives its grace period.
+    on_connect: Callable[[psycopg.Connection[Any]], None] | None = None
 
 
 class RunFailed(Exception):
@@ -70,8 +78,14 @@ class _Run:
         self.spec = spec
         self.opts = options
         self.unit = spec.unit
-        self.result = RunResult(spec.job.name, spec.unit.name, spec.target_name, spec.item, trigger=options.trigger,
-                                display=spec.unit.meta.display)
+        self.result = RunResult(
+            spec.job.name,
+            spec.unit.name,
+            spec.target_name,
+            spec.item,
+            trigger=options.trigger,
+            display=spec.unit.meta.display,
+        )
         defaults = spec.settings.defaults
         self.lock_timeout = spec.job.timeouts.lock or defaults.lock_timeout
         self.statement_timeout = spec.job.timeouts.statement or defaults.statement_timeout
@@ -122,9 +136,19 @@ class _Run:
                 return
             self.locked = True
             assert self.ledger is not None
+            reason = self.opts.on_locked(self.ledger) if self.opts.on_locked is not None else None
+            if reason:
+                self._skip(reason)
+                self._record_skip()
+                return
             self.result.run_id = self.ledger.start_run(
-                job=spec.job.name, unit=unit.name, target=spec.target_name, item=spec.item_label,
-                lock_key=self.lock_key, trigger=self.opts.trigger, params=json_safe(_loggable(spec.params)),
+                job=spec.job.name,
+                unit=unit.name,
+                target=spec.target_name,
+                item=spec.item_label,
+                lock_key=self.lock_key,
+                trigger=self.opts.trigger,
+                params=json_safe(_loggable(spec.params)),
             )
             self.ledger.mark_interrupted(self.lock_key, self.result.run_id)
         db.set_timeouts(self.conn, lock_timeout=self.lock_timeout, statement_timeout=self.statement_timeout)
@@ -148,7 +172,10 @@ class _Run:
             conninfo = self.spec.target.conninfo()
         except OSError as exc:
             raise RunFailed(f"cannot read dsn_file of target {self.spec.target_name!r}: {exc.strerror}") from None
-        return db.connect(conninfo, application_name=f"pg-maintainer {self.spec.job.name}"[:63])
+        conn = db.connect(conninfo, application_name=f"pg-maintainer {self.spec.job.name}"[:63])
+        if self.opts.on_connect is not None:
+            self.opts.on_connect(conn)
+        return conn
 
     def _open_ledger(self) -> None:
         self.ledger_conn = db.connect(self.spec.target.conninfo(), application_name="pg-maintainer ledger")
@@ -235,7 +262,8 @@ class _Run:
         step_context = {**context, "row": row, "prev": None}
         if self.opts.dry_run or self.unit.meta.repeat is None:
             statements = self._render("apply", step_context)
-            return self._execute_statements(statements)
+            rows, _ = self._execute_statements(statements)
+            return rows
         return self._run_repeated(step_context, row, index, count)
 
     def _run_repeated(self, context: dict[str, Any], row: dict[str, Any], index: int, count: int) -> int:
@@ -249,7 +277,7 @@ class _Run:
             self._check_cancel()
             statements = self._render("apply", {**context, "prev": context["prev"]})
             actions_before = len(self.result.actions)
-            rows, last = self._execute_statements(statements, collect_last=True)
+            rows, last = self._execute_statements(statements)
             new_actions = self.result.actions[actions_before:]
             del self.result.actions[actions_before:]
             merged = _merge_actions(merged, new_actions, iteration)
@@ -258,8 +286,14 @@ class _Run:
             if self.opts.progress is not None:
                 estimate = row.get("estimate")
                 self.opts.progress(
-                    Progress(index + 1, count, iteration, total, int(estimate) if estimate is not None else None,
-                             time.monotonic() - started)
+                    Progress(
+                        index + 1,
+                        count,
+                        iteration,
+                        total,
+                        int(estimate) if estimate is not None else None,
+                        time.monotonic() - started,
+                    )
                 )
             if rows == 0:
                 break
@@ -268,9 +302,7 @@ class _Run:
         self.result.actions.extend(merged)
         return total
 
-    def _after(
-        self, context: dict[str, Any], discovered: list[dict[str, Any]], outcomes: list[dict[str, Any]]
-    ) -> None:
+    def _after(self, context: dict[str, Any], discovered: list[dict[str, Any]], outcomes: list[dict[str, Any]]) -> None:
         """Once after all steps, autocommit (VACUUM, ANALYZE): `steps` says what happened."""
         if not self.unit.has_block("after") or self.result.status == "failed":
             return
@@ -280,7 +312,7 @@ class _Run:
             return
         for statement in statements:
             self._check_cancel()
-            self._with_retries(lambda s=statement: self._run_one(s, autocommit=True))
+            self._with_retries(functools.partial(self._run_one, statement, autocommit=True))
 
     def _verify(self, context: dict[str, Any]) -> None:
         if self.opts.dry_run or not self.unit.has_block("verify") or self.result.status == "failed":
@@ -319,20 +351,19 @@ class _Run:
                 cur.execute(statement.sql, statement.params or None)
                 return list(cur.fetchall()) if cur.description else []
 
-    def _execute_statements(self, statements: list[Statement], collect_last: bool = False) -> Any:
-        """Run one step's statements (or only record them in a dry run); returns rows affected."""
+    def _execute_statements(self, statements: list[Statement]) -> tuple[int, dict[str, Any] | None]:
+        """Run one step's statements (or only record them in a dry run): (rows affected, last row returned)."""
         if self.opts.dry_run:
             self.result.actions.extend(Action(s.sql, "planned") for s in statements)
-            return (0, None) if collect_last else 0
+            return 0, None
         if self.unit.meta.transaction == "none":
             total, last = 0, None
             for statement in statements:
-                rows, last_row = self._with_retries(lambda s=statement: self._run_one(s, autocommit=True))
+                rows, last_row = self._with_retries(functools.partial(self._run_one, statement, autocommit=True))
                 total += rows
                 last = last_row if last_row is not None else last
-            return (total, last) if collect_last else total
-        rows, last = self._with_retries(lambda: self._run_transaction(statements))
-        return (rows, last) if collect_last else rows
+            return total, last
+        return self._with_retries(functools.partial(self._run_transaction, statements))
 
     def _run_one(self, statement: Statement, *, autocommit: bool) -> tuple[int, dict[str, Any] | None]:
         assert self.conn is not None
@@ -375,7 +406,9 @@ class _Run:
             raise
         return total, last
 
-    def _with_retries(self, attempt: Callable[[], tuple[int, dict[str, Any] | None]]) -> tuple[int, dict[str, Any] | None]:
+    def _with_retries(
+        self, attempt: Callable[[], tuple[int, dict[str, Any] | None]]
+    ) -> tuple[int, dict[str, Any] | None]:
         defaults = self.spec.settings.defaults
         for number in range(1, defaults.max_attempts + 1):
             self.attempts = max(self.attempts, number)
@@ -389,8 +422,10 @@ class _Run:
                 # Keep only the final attempt's actions; count the attempts on it instead.
                 del self.result.actions[mark:]
                 self._check_cancel()
-                delay = min(defaults.retry_backoff.total_seconds() * 2 ** (number - 1),
-                            defaults.retry_backoff_max.total_seconds())
+                delay = min(
+                    defaults.retry_backoff.total_seconds() * 2 ** (number - 1),
+                    defaults.retry_backoff_max.total_seconds(),
+                )
                 time.sleep(delay * random.uniform(0.5, 1.5))  # noqa: S311 - jitter, not crypto
                 if self.conn is None or self.conn.closed or self.conn.broken:
                     self._reconnect()
@@ -439,10 +474,15 @@ class _Run:
         try:
             level_field = (self.unit.meta.alerts or {}).get("level")
             self.ledger.finish_run(
-                self.result.run_id, status=self.result.status, attempts=max(self.attempts, 1),
-                sqlstate=self.result.sqlstate, error=self.result.error,
+                self.result.run_id,
+                status=self.result.status,
+                attempts=max(self.attempts, 1),
+                sqlstate=self.result.sqlstate,
+                error=self.result.error,
                 actions=[a.to_json() | {"attempts": a.attempts} for a in self.result.actions],
-                findings=self.result.findings, summary=None, level_field=level_field,
+                findings=self.result.findings,
+                summary=None,
+                level_field=level_field,
             )
             self.ledger.purge(self.spec.settings.defaults.history_retention)
         except psycopg.Error:
@@ -455,9 +495,14 @@ class _Run:
             return
         try:
             run_id = self.ledger.start_run(
-                job=self.spec.job.name, unit=self.unit.name, target=self.spec.target_name,
-                item=self.spec.item_label, lock_key=self.lock_key, trigger=self.opts.trigger,
-                params={}, status="skipped",
+                job=self.spec.job.name,
+                unit=self.unit.name,
+                target=self.spec.target_name,
+                item=self.spec.item_label,
+                lock_key=self.lock_key,
+                trigger=self.opts.trigger,
+                params={},
+                status="skipped",
             )
             self.ledger.conn.execute(
                 f"UPDATE {db.quote_ident(self.ledger.schema)}.run SET finished_at = now(), error = %s WHERE id = %s",

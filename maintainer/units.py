@@ -31,8 +31,19 @@ from maintainer.values import (
 
 BLOCKS = ("discover", "apply", "after", "verify", "report", "check")
 ParamType = Literal[
-    "table", "identifier", "string", "integer", "number", "boolean", "duration", "size",
-    "interval", "list", "map", "sql", "any",
+    "table",
+    "identifier",
+    "string",
+    "integer",
+    "number",
+    "boolean",
+    "duration",
+    "size",
+    "interval",
+    "list",
+    "map",
+    "sql",
+    "any",
 ]
 
 
@@ -182,7 +193,7 @@ def parse_unit(path: Path, name: str | None = None, builtin: bool = False) -> Un
     except (ValidationError, TypeError) as exc:
         raise UnitError(f"{path}: front matter: {exc}") from None
     # Keep the line numbers of the file in Jinja's errors by replacing front matter with blank lines.
-    body = "\n" * match.group(0).count("\n") + source[match.end():]
+    body = "\n" * match.group(0).count("\n") + source[match.end() :]
     try:
         template = make_environment().from_string(body)
     except TemplateSyntaxError as exc:

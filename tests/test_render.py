@@ -74,15 +74,18 @@ def test_a_raw_value_is_a_render_error(tmp_path_factory: pytest.TempPathFactory,
         render(tmp, "SELECT {{ v ~ '' }}", v=value)
 
 
-@pytest.mark.parametrize("expr", [
-    "{{ args.id | literal }}",      # --arg values may only be bound
-    "{{ args.id | ident }}",
-    "{{ args.id | sql }}",
-    "{{ 'x' | sql }}",              # only `type: sql` params are trusted SQL
-    "{{ missing | bind }}",         # undefined passed to a filter still fails
-    "{{ (1 | literal) | literal }}",  # no double-processing of SQL text
-    "{{ [1 | literal, 'raw'] | join_sql }}",
-])
+@pytest.mark.parametrize(
+    "expr",
+    [
+        "{{ args.id | literal }}",  # --arg values may only be bound
+        "{{ args.id | ident }}",
+        "{{ args.id | sql }}",
+        "{{ 'x' | sql }}",  # only `type: sql` params are trusted SQL
+        "{{ missing | bind }}",  # undefined passed to a filter still fails
+        "{{ (1 | literal) | literal }}",  # no double-processing of SQL text
+        "{{ [1 | literal, 'raw'] | join_sql }}",
+    ],
+)
 def test_unsafe_expressions_are_refused(tmp_path: Path, expr: str) -> None:
     with pytest.raises(RenderError):
         render(tmp_path, f"SELECT {expr}", args={"id": ArgValue("1; DROP TABLE t")})
@@ -90,8 +93,11 @@ def test_unsafe_expressions_are_refused(tmp_path: Path, expr: str) -> None:
 
 def test_trusted_sql_param_and_qualified_names(tmp_path: Path) -> None:
     text, values = render(
-        tmp_path, "DELETE FROM {{ t | ident }} WHERE {{ w | sql }} AND id > {{ n | bind }}",
-        t=QualifiedName("app", "Orders"), w=TrustedSql("created_at < now()"), n=5,
+        tmp_path,
+        "DELETE FROM {{ t | ident }} WHERE {{ w | sql }} AND id > {{ n | bind }}",
+        t=QualifiedName("app", "Orders"),
+        w=TrustedSql("created_at < now()"),
+        n=5,
     )
     assert text == 'DELETE FROM "app"."Orders" WHERE created_at < now() AND id > $1'
     assert values == [5]
@@ -106,7 +112,10 @@ def test_split_keeps_do_blocks_whole_and_renumbers_params() -> None:
     text = "UPDATE t SET a = $2; DO $$ BEGIN PERFORM 1; PERFORM 2; END $$; SELECT $1, $3, $1"
     statements = split_statements(text, ["one", "two", "three"])
     assert [s.sql for s in statements] == [
-        "UPDATE t SET a = $1", "DO $$ BEGIN PERFORM 1; PERFORM 2; END $$", "SELECT $1, $2, $1"]
+        "UPDATE t SET a = $1",
+        "DO $$ BEGIN PERFORM 1; PERFORM 2; END $$",
+        "SELECT $1, $2, $1",
+    ]
     assert [s.params for s in statements] == [["two"], [], ["one", "three"]]
 
 

@@ -92,7 +92,9 @@ def test_plan_and_dry_run_leave_the_catalog_unchanged(workspace: Workspace, db: 
     make_items(db)
     db.run_script("CREATE SEQUENCE s; SELECT nextval('s');")
     workspace.unit("counter", COUNTER_UNIT)
-    workspace.unit("ddl", """---
+    workspace.unit(
+        "ddl",
+        """---
 description: DDL that must not run in a dry run
 transaction: none
 ---
@@ -101,7 +103,8 @@ CREATE INDEX CONCURRENTLY items_note ON items (note);
 SELECT nextval('s');
 DROP TABLE items;
 {% endblock %}
-""")
+""",
+    )
     workspace.job("count", unit="counter", params={"table": "items"})
     workspace.job("ddl", unit="ddl")
     before = catalog_snapshot(db)
@@ -129,22 +132,30 @@ def test_a_missing_table_fails_clearly_and_changes_nothing(workspace: Workspace,
 
 
 def test_hostile_arg_is_bound_never_interpolated(workspace: Workspace, db: Database) -> None:
-    db.run_script("CREATE TABLE people (id bigint PRIMARY KEY, email text);"
-                  "INSERT INTO people VALUES (1, 'a@example.com'), (2, 'b@example.com');")
-    workspace.unit("forget", """---
+    db.run_script(
+        "CREATE TABLE people (id bigint PRIMARY KEY, email text);"
+        "INSERT INTO people VALUES (1, 'a@example.com'), (2, 'b@example.com');"
+    )
+    workspace.unit(
+        "forget",
+        """---
 description: erase one person
 ---
 {% block apply %}
 UPDATE people SET email = NULL WHERE email = {{ args.email | bind }};
 {% endblock %}
-""")
-    workspace.unit("forget_id", """---
+""",
+    )
+    workspace.unit(
+        "forget_id",
+        """---
 description: erase one person by id
 ---
 {% block apply %}
 UPDATE people SET email = NULL WHERE id = {{ args.id | bind }};
 {% endblock %}
-""")
+""",
+    )
     workspace.job("forget", unit="forget")
     workspace.job("forget-id", unit="forget_id")
     hostile = "x' OR '1'='1"
@@ -165,21 +176,27 @@ UPDATE people SET email = NULL WHERE id = {{ args.id | bind }};
 def test_transient_lock_timeouts_are_retried_logic_errors_are_not(workspace: Workspace, db: Database) -> None:
     make_items(db)
     workspace.write_config(defaults={"lock_timeout": "200ms", "retry_backoff": "400ms", "max_attempts": 5})
-    workspace.unit("locker", """---
+    workspace.unit(
+        "locker",
+        """---
 description: needs a strong lock briefly
 ---
 {% block apply %}
 LOCK TABLE items IN ACCESS EXCLUSIVE MODE;
 UPDATE items SET done = true;
 {% endblock %}
-""")
-    workspace.unit("broken", """---
+""",
+    )
+    workspace.unit(
+        "broken",
+        """---
 description: a logic error
 ---
 {% block apply %}
 SELECT 1 / 0;
 {% endblock %}
-""")
+""",
+    )
     workspace.job("locker", unit="locker")
     workspace.job("broken", unit="broken")
     holder = db.connect()
@@ -199,13 +216,16 @@ SELECT 1 / 0;
 
 
 def test_two_concurrent_triggers_one_runs_one_is_skipped(workspace: Workspace, db: Database) -> None:
-    workspace.unit("slow", """---
+    workspace.unit(
+        "slow",
+        """---
 description: holds its lock for a while
 ---
 {% block apply %}
 SELECT pg_sleep(3);
 {% endblock %}
-""")
+""",
+    )
     workspace.job("slow", unit="slow")
     command = [sys.executable, "-m", "maintainer.cli", "trigger", "slow", "--json", "--config", str(workspace.config)]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
@@ -215,7 +235,7 @@ SELECT pg_sleep(3);
         assert time.monotonic() < deadline, "the first run never took its lock"
         time.sleep(0.05)
     second = subprocess.run(command, stdout=subprocess.PIPE, env=env, timeout=60)
-    first_out, _ = first.communicate(timeout=60)
+    first.communicate(timeout=60)
     assert first.returncode == 0
     assert second.returncode == 3
     skipped = json.loads(second.stdout)["runs"][0]
@@ -225,7 +245,9 @@ SELECT pg_sleep(3);
 
 def test_repeat_until_zero_rows_paginates_with_prev(workspace: Workspace, db: Database) -> None:
     make_items(db, rows=2500)
-    workspace.unit("batched", """---
+    workspace.unit(
+        "batched",
+        """---
 description: keyset batches
 repeat: until_zero_rows
 params:
@@ -241,7 +263,8 @@ WITH batch AS (
 )
 SELECT count(*)::int AS rows, max(id) AS last_id FROM done;
 {% endblock %}
-""")
+""",
+    )
     workspace.job("batched", unit="batched")
     run = json.loads(workspace.cli("trigger", "batched", "--json").output)["runs"][0]
     assert run["status"] == "ok"
@@ -252,14 +275,17 @@ SELECT count(*)::int AS rows, max(id) AS last_id FROM done;
 
 def test_concurrently_needs_autocommit_and_gets_it(workspace: Workspace, db: Database) -> None:
     make_items(db)
-    workspace.unit("idx", """---
+    workspace.unit(
+        "idx",
+        """---
 description: build an index without blocking writers
 transaction: none
 ---
 {% block apply %}
 CREATE INDEX CONCURRENTLY IF NOT EXISTS items_note ON items (note);
 {% endblock %}
-""")
+""",
+    )
     workspace.job("idx", unit="idx")
     run = json.loads(workspace.cli("trigger", "idx", "--json").output)["runs"][0]
     assert run["status"] == "ok", run
