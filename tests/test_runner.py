@@ -370,3 +370,77 @@ def test_nothing_runs_on_a_replica_in_recovery(tmp_path: Path) -> None:
         assert result.exit_code == 3, result.output
         run = json.loads(result.output)["runs"][0]
         assert run["status"] == "skipped" and "replica in recovery" in run["reason"]
+
+
+def test_a_user_unit_overrides_the_builtin_of_the_same_name(workspace: Workspace, db: Database) -> None:
+    workspace.unit(
+        "sequences", "---\ndescription: mine\n---\n{% block discover %}\nSELECT 'mine' AS who\n{% endblock %}\n"
+    )
+    workspace.job("sequences", unit="sequences")
+    run = json.loads(workspace.cli("trigger", "sequences", "--json").output)["runs"][0]
+    assert run["findings"] == [{"who": "mine"}]
+
+
+def test_a_failed_step_rolls_back_as_a_whole(workspace: Workspace, db: Database) -> None:
+    make_items(db)
+    workspace.unit(
+        "half",
+        """---
+description: second statement fails
+---
+{% block apply %}
+UPDATE items SET done = true;
+SELECT 1 / 0;
+{% endblock %}
+""",
+    )
+    workspace.job("half", unit="half")
+    run = json.loads(workspace.cli("trigger", "half", "--json").output)["runs"][0]
+    assert run["status"] == "failed"
+    assert [a["status"] for a in run["actions"]] == ["skipped", "failed"]
+    assert db.execute("SELECT count(*) FROM items WHERE done") == [(0,)]
+
+
+def test_jobs_lists_schedule_next_run_and_last_result(workspace: Workspace, db: Database) -> None:
+    workspace.unit("fast", "---\ndescription: x\n---\n{% block apply %}\nSELECT 1;\n{% endblock %}\n")
+    workspace.job("nightly", unit="fast", schedule="@daily", window="01:00-05:00")
+    workspace.job("manual", unit="fast")
+    assert workspace.cli("trigger", "nightly").exit_code == 0
+    rows = {r["job"]: r for r in json.loads(workspace.cli("jobs", "--json").output)["jobs"]}
+    assert rows["nightly"]["schedule"] == "@daily" and rows["nightly"]["next_run"].endswith("T00:00:00+00:00")
+    assert rows["nightly"]["last_status"] == "ok"
+    assert rows["manual"]["next_run"] is None and rows["manual"]["last_status"] is None
+    human = workspace.cli("jobs")
+    assert "nightly" in human.output and "never run" in human.output
+
+
+def test_progress_is_reported_per_batch(workspace: Workspace, db: Database) -> None:
+    from maintainer.project import load_project
+    from maintainer.runner import Progress, RunOptions, run
+
+    make_items(db, rows=50)
+    workspace.unit(
+        "batched",
+        """---
+description: keyset batches
+repeat: until_zero_rows
+---
+{% block discover %}
+SELECT count(*) AS estimate FROM items WHERE NOT done
+{% endblock %}
+{% block apply %}
+WITH done AS (
+  UPDATE items SET done = true
+  WHERE id IN (SELECT id FROM items WHERE NOT done AND id > {{ (prev.last_id if prev else 0) | bind }} ORDER BY id LIMIT 20)
+  RETURNING id
+)
+SELECT count(*)::int AS rows, max(id) AS last_id FROM done;
+{% endblock %}
+""",
+    )
+    workspace.job("batched", unit="batched")
+    project = load_project(str(workspace.config))
+    seen: list[Progress] = []
+    result = run(project.run_specs(project.job("batched"))[0], RunOptions(progress=seen.append))
+    assert result.status == "ok"
+    assert [(p.iterations, p.rows, p.estimate) for p in seen] == [(1, 20, 50), (2, 40, 50), (3, 50, 50), (4, 50, 50)]
