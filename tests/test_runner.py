@@ -373,9 +373,8 @@ def test_nothing_runs_on_a_replica_in_recovery(tmp_path: Path) -> None:
 
 
 def test_a_user_unit_overrides_the_builtin_of_the_same_name(workspace: Workspace, db: Database) -> None:
-    workspace.unit(
-        "sequences", "---\ndescription: mine\n---\n{% block discover %}\nSELECT 'mine' AS who\n{% endblock %}\n"
-    )
+    mine = "---\ndescription: mine\n---\n{% block discover %}\nSELECT 'mine' AS who\n{% endblock %}\n"
+    workspace.unit("sequences", mine)
     workspace.job("sequences", unit="sequences")
     run = json.loads(workspace.cli("trigger", "sequences", "--json").output)["runs"][0]
     assert run["findings"] == [{"who": "mine"}]
@@ -431,7 +430,8 @@ SELECT count(*) AS estimate FROM items WHERE NOT done
 {% block apply %}
 WITH done AS (
   UPDATE items SET done = true
-  WHERE id IN (SELECT id FROM items WHERE NOT done AND id > {{ (prev.last_id if prev else 0) | bind }} ORDER BY id LIMIT 20)
+  WHERE id IN (SELECT id FROM items
+               WHERE NOT done AND id > {{ (prev.last_id if prev else 0) | bind }} ORDER BY id LIMIT 20)
   RETURNING id
 )
 SELECT count(*)::int AS rows, max(id) AS last_id FROM done;

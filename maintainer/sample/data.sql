@@ -171,7 +171,8 @@ ORDER BY t.created_at;
 -- ---------------------------------------------------------------------------------------------
 
 -- workspace_neural_observations: int4 column, bigint sequence at ~65 % of the int4 range.
--- Insert-only and never churned: the well-packed indexes to compare the bloated ones with.
+-- Insert-only, never churned, and its indexes are rebuilt right after the load (plain REINDEX is
+-- allowed in a transaction): the well-packed indexes to compare the bloated ones with.
 SELECT setval('public.workspace_neural_observations_id_seq', 1395000000);
 INSERT INTO public.workspace_neural_observations (workspace_id, entity_id, kind, confidence, observed_at, payload)
 SELECT 1 + i % 120,
@@ -181,6 +182,8 @@ SELECT 1 + i % 120,
        now() - make_interval(secs => (60000 - i) * 90),
        jsonb_build_object('source', (ARRAY['github', 'linear', 'notion'])[1 + i % 3], 'v', 2)
 FROM generate_series(1, 60000) AS i;
+
+REINDEX TABLE public.workspace_neural_observations;
 
 -- workspace_neural_entities: 200k entities (ids 1..200000), then one sync re-sends 40k known
 -- entities plus 4k new ones (upsert, non-HOT because updated_at is indexed), then two thirds of
