@@ -126,6 +126,10 @@ def trigger(
     project = _load(config)
     with output.progress_reporter(stderr, enabled=not as_json and stderr.is_terminal) as progress:
         results = _run_job(project, job, target, args, dry_run=dry_run, progress=progress)
+    if not dry_run:
+        from maintainer.outcomes import report_manual_runs
+
+        report_manual_runs(project, results)  # Sentry errors and finding alerts, like the daemon's
     _emit(results, as_json, show_sql=dry_run)
 
 
@@ -177,6 +181,34 @@ def demo(keep: bool, workdir: str) -> None:
     from maintainer.demo import run_demo
 
     sys.exit(run_demo(stdout, workdir=workdir, keep=keep))
+
+
+@main.command("run")
+@config_option
+def run_command(config: str | None) -> None:
+    """The daemon: scheduler, HTTP endpoints (/healthz, /readyz, /metrics), Sentry. Stops on SIGTERM."""
+    from maintainer.scheduler import run_daemon
+
+    with _usage_errors():
+        code = run_daemon(config)
+    sys.exit(code)
+
+
+@main.command()
+@config_option
+@click.option("--json", "as_json", is_flag=True, help="one JSON object on stdout")
+@click.option("-n", "limit", default=10, show_default=True, help="findings shown per unit (text output)")
+def report(config: str | None, as_json: bool, limit: int) -> None:
+    """Sequence headroom, bloat, partitions, DEFAULT rows, wraparound: the newest findings, worst first."""
+    from maintainer import report as report_module
+
+    project = _load(config)
+    data = report_module.build(project)
+    if as_json:
+        click.echo(json.dumps(data, default=str))
+    else:
+        report_module.print_report(stdout, data, limit=limit)
+    sys.exit(0 if all(state == "ok" for state in data["targets"].values()) else 1)
 
 
 def _print_json(data: Any) -> None:

@@ -27,7 +27,7 @@ from maintainer.results import RunResult
 from maintainer.runner import RunOptions, run
 
 # Manual-only jobs need their arguments; the demo erases one sample user.
-DEMO_ARGS: dict[str, list[str]] = {"erase-user": ["user_id=42"]}
+DEMO_ARGS: dict[str, list[str]] = {"erase-user": ["user_id=42", "email=user42@example.com"]}
 
 
 def sample_jobs_dir() -> Path:

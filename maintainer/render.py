@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextvars
 import json
+import re
 from collections.abc import Iterable, Mapping
 from datetime import timedelta
 from typing import Any
@@ -138,6 +139,29 @@ def sql_filter(value: Any) -> SqlText:
     return SqlText(value)
 
 
+_ARG_PLACEHOLDER = re.compile(r"%\(([A-Za-z_][A-Za-z0-9_]*)\)s")
+
+
+def sql_with_args_filter(value: Any, args: Any) -> SqlText:
+    """Operator SQL (a `sql` param) whose `%(name)s` placeholders become binds of `args[name]`.
+
+    `{{ params.where | sql_with_args(args) }}`: the text is trusted (it comes from a job file), the
+    `--arg` values are not, so each one travels as a server-side parameter, never as text. Only
+    `%(name)s` is special; every other `%` is left as written.
+    """
+    value = _defined(value, "sql_with_args")
+    if not isinstance(value, TrustedSql):
+        raise RenderError("`sql_with_args` only accepts params declared `type: sql` in the unit")
+    args = _defined(args, "sql_with_args")
+    if not isinstance(args, Mapping):
+        raise RenderError("`sql_with_args` needs the `args` mapping: write `| sql_with_args(args)`")
+    missing = sorted({name for name in _ARG_PLACEHOLDER.findall(value) if name not in args})
+    if missing:
+        needed = " ".join(f"--arg {name}=…" for name in missing)
+        raise RenderError(f"this job's SQL has placeholders without a value: run it with {needed}")
+    return SqlText(_ARG_PLACEHOLDER.sub(lambda match: bind_filter(args[match.group(1)]), value))
+
+
 _SEPARATORS = {", ", ",", ",\n", " AND ", " OR ", "\n", " "}
 
 
@@ -173,7 +197,8 @@ def make_environment() -> ImmutableSandboxedEnvironment:
         lstrip_blocks=True,
     )
     env.filters.update(
-        ident=ident_filter, literal=literal_filter, bind=bind_filter, sql=sql_filter, join_sql=join_sql_filter
+        ident=ident_filter, literal=literal_filter, bind=bind_filter, sql=sql_filter, join_sql=join_sql_filter,
+        sql_with_args=sql_with_args_filter,
     )
     return env
 

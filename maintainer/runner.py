@@ -154,11 +154,12 @@ class _Run:
         db.set_timeouts(self.conn, lock_timeout=self.lock_timeout, statement_timeout=self.statement_timeout)
         self._resolve_tables()
         context = self._context()
+        context["prepared"] = self._prepare(context)
         discovered = self._discover(context)
         step_rows = [r for r in discovered if r.get("action", True) not in (False, None)]
         step_outcomes = self._apply(context, step_rows)
         self._after(context, discovered, step_outcomes)
-        self._verify(context)
+        self._verify({**context, "discovered": discovered, "steps": step_outcomes})
         findings = self._report(context, discovered, step_outcomes)
         self.result.findings = [json_safe(f) for f in findings]
         if self.result.status != "failed":
@@ -216,7 +217,26 @@ class _Run:
             "dry_run": self.opts.dry_run,
             "prev": None,
             "row": {},
+            **self._catalog_facts(),
         }
+
+    def _catalog_facts(self) -> dict[str, Any]:
+        """What a unit may adapt its SQL to at render time (a SELECT naming a missing function or
+        table fails when parsed): installed extensions, and whether the ledger tables exist yet
+        (a dry run on a target that never ran a job has none)."""
+        assert self.conn is not None
+        extensions = {
+            row["extname"]: {"schema": row["nspname"], "version": row["extversion"]}
+            for row in self.conn.execute(
+                "SELECT e.extname, n.nspname, e.extversion FROM pg_extension e"
+                " JOIN pg_namespace n ON n.oid = e.extnamespace"
+            ).fetchall()
+        }
+        ledger = self.conn.execute(
+            "SELECT to_regclass(%s) IS NOT NULL AS present",
+            (db.quote_ident(self.spec.settings.state_schema) + ".finding",),
+        ).fetchone()
+        return {"extensions": extensions, "ledger_exists": bool(ledger and ledger["present"])}
 
     def _resolve_tables(self) -> None:
         """Every `table` param must name an existing relation: fail clearly before doing anything."""
@@ -230,6 +250,17 @@ class _Run:
             ).fetchone()
             if not row or not row["present"]:
                 raise RunFailed(f"{name}: table {value} does not exist on target {self.spec.target_name!r}")
+
+    def _prepare(self, context: dict[str, Any]) -> dict[str, Any]:
+        """`prepare`: one SELECT before discover; its first row (`prepared`) lets discover name what
+        it must read directly, e.g. a partition found in the catalog (emitted through `ident`)."""
+        if not self.unit.has_block("prepare"):
+            return {}
+        statements = self._render("prepare", context)
+        if len(statements) != 1:
+            raise RunFailed(f"{self.unit.path.name}: prepare must be exactly one SELECT")
+        rows = self._query(statements[0], read_only=self.opts.dry_run)
+        return rows[0] if rows else {}
 
     def _discover(self, context: dict[str, Any]) -> list[dict[str, Any]]:
         if not self.unit.has_block("discover"):
@@ -248,10 +279,13 @@ class _Run:
             self._check_cancel()
             outcome = {"row": row, "status": "planned" if self.opts.dry_run else "ok", "rows": 0}
             outcomes.append(outcome)
+            mark = len(self.result.actions)
             try:
                 outcome["rows"] = self._run_step(context, row, index, len(step_rows))
             except (RunFailed, psycopg.Error) as exc:
                 outcome["status"] = "failed"
+                # What the step's committed statements (or batches) changed before it failed.
+                outcome["rows"] = sum(a.rows or 0 for a in self.result.actions[mark:] if a.status == "ok")
                 if self.unit.meta.on_step_error == "continue":
                     self._note_failure(exc)
                     continue
@@ -273,6 +307,7 @@ class _Run:
         started = time.monotonic()
         total = 0
         merged: list[Action] = []
+        base = len(self.result.actions)
         for iteration in range(1, self.unit.meta.max_iterations + 1):
             self._check_cancel()
             statements = self._render("apply", {**context, "prev": context["prev"]})
@@ -281,6 +316,9 @@ class _Run:
             new_actions = self.result.actions[actions_before:]
             del self.result.actions[actions_before:]
             merged = _merge_actions(merged, new_actions, iteration)
+            # Kept in the result after every batch: if a later batch fails or the run is cancelled,
+            # the ledger still shows the rows the committed batches changed.
+            self.result.actions[base:] = merged
             total += rows
             context["prev"] = last
             if self.opts.progress is not None:
@@ -299,7 +337,6 @@ class _Run:
                 break
             if pause_seconds:
                 time.sleep(pause_seconds)
-        self.result.actions.extend(merged)
         return total
 
     def _after(self, context: dict[str, Any], discovered: list[dict[str, Any]], outcomes: list[dict[str, Any]]) -> None:

@@ -29,7 +29,7 @@ from maintainer.values import (
     parse_size,
 )
 
-BLOCKS = ("discover", "apply", "after", "verify", "report", "check")
+BLOCKS = ("prepare", "discover", "apply", "after", "verify", "report", "check")
 ParamType = Literal[
     "table",
     "identifier",
@@ -54,7 +54,8 @@ class UnitError(Exception):
 class ParamSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    type: ParamType
+    # A list is a union, e.g. `[interval, integer]`: the first type that accepts the value wins.
+    type: ParamType | list[ParamType]
     required: bool = False
     default: Any = None
     description: str | None = None
@@ -130,6 +131,14 @@ class Unit:
 
 def coerce_param(spec: ParamSpec, value: Any) -> Any:
     """Turn a YAML value into the param's type, or raise ValueError saying what was expected."""
+    if isinstance(spec.type, list):
+        problems = []
+        for option in spec.type:
+            try:
+                return coerce_param(spec.model_copy(update={"type": option}), value)
+            except ValueError as exc:
+                problems.append(str(exc))
+        raise ValueError("; or ".join(problems))
     kind = spec.type
     result: Any
     if kind == "table":
@@ -165,7 +174,7 @@ def coerce_param(spec: ParamSpec, value: Any) -> Any:
     elif kind == "map":
         if not isinstance(value, dict):
             raise ValueError(f"expected a mapping, got {value!r}")
-        result = value
+        result = {key: _trusted_expr(key, item) for key, item in value.items()}
     elif kind == "sql":
         if not isinstance(value, str):
             raise ValueError(f"expected SQL text, got {value!r}")
@@ -175,6 +184,16 @@ def coerce_param(spec: ParamSpec, value: Any) -> Any:
     if spec.choices is not None and result not in spec.choices:
         raise ValueError(f"{value!r} is not one of {spec.choices}")
     return result
+
+
+def _trusted_expr(key: Any, value: Any) -> Any:
+    """In a `map` param, `{expr: <SQL>}` is SQL the operator wrote in the job file: trusted like a
+    `sql` param (emitted with `| sql`), while every other value stays a plain value for `literal`/`bind`."""
+    if isinstance(value, dict) and set(value) == {"expr"}:
+        if not isinstance(value["expr"], str) or not value["expr"].strip():
+            raise ValueError(f"{key}: expr: expected SQL text, got {value['expr']!r}")
+        return {"expr": TrustedSql(value["expr"])}
+    return value
 
 
 _FRONT_MATTER = re.compile(r"\A---[ \t]*\n(.*?)\n---[ \t]*\n", re.DOTALL)

@@ -1,0 +1,194 @@
+"""`maintainer report`: the state of every target at a glance, the worst first.
+
+Built from the ledger, not from new queries: the newest findings of every configured (job,
+target, item) — sequence headroom, bloat candidates, partitions ahead, rows in DEFAULT,
+wraparound — grouped by unit. How a finding reads (its level, its object, its message, its
+numbers) comes from the unit's front matter (`alerts`, `metrics`), so a new unit appears here
+without Python. The daemon uses the same query to restore its gauges after a restart.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import psycopg
+from psycopg import sql
+from rich.console import Console
+from rich.table import Table
+
+from maintainer import db
+from maintainer.alerts import finding_message
+from maintainer.project import Project
+from maintainer.results import json_safe
+from maintainer.units import Unit
+
+# Report order: what needs a human first. `unknown` (could not be measured) outranks `ok`.
+RANK = {"critical": 3, "error": 3, "warn": 2, "warning": 2, "unknown": 1}
+LEVEL_STYLE = {"critical": "red", "error": "red", "warn": "yellow", "warning": "yellow", "unknown": "magenta",
+               "ok": "green"}
+
+
+@dataclass
+class LatestRun:
+    job: str
+    unit: str
+    target: str
+    item: str | None
+    status: str
+    finished_at: dt.datetime
+    findings: list[dict[str, Any]] = field(default_factory=list)
+
+
+def latest_runs(conn: psycopg.Connection[Any], schema: str) -> list[LatestRun]:
+    """The newest completed run with findings of every (job, target, item) in one target's ledger.
+
+    A failed run counts when it still recorded findings (a step failed, the report ran); one that
+    failed before discovering anything leaves the previous findings in place.
+    """
+    s = sql.Identifier(schema)
+    present = conn.execute("SELECT to_regclass(%s) IS NOT NULL AS present", (f"{db.quote_ident(schema)}.finding",))
+    row = present.fetchone()
+    if not row or not row["present"]:
+        return []
+    rows = conn.execute(
+        sql.SQL(
+            """
+            WITH latest AS (
+                SELECT DISTINCT ON (r.job, r.target, r.item) r.id, r.job, r.unit, r.target, r.item, r.status,
+                       r.finished_at
+                  FROM {s}.run r
+                 WHERE r.finished_at IS NOT NULL
+                   AND (r.status = 'ok'
+                        OR (r.status = 'failed' AND EXISTS (SELECT 1 FROM {s}.finding f WHERE f.run_id = r.id)))
+                 ORDER BY r.job, r.target, r.item, r.started_at DESC, r.id DESC
+            )
+            SELECT l.job, l.unit, l.target, l.item, l.status, l.finished_at,
+                   coalesce(json_agg(f.data ORDER BY f.seq) FILTER (WHERE f.run_id IS NOT NULL), '[]') AS findings
+              FROM latest l
+              LEFT JOIN {s}.finding f ON f.run_id = l.id
+             GROUP BY l.id, l.job, l.unit, l.target, l.item, l.status, l.finished_at
+             ORDER BY l.job, l.target, l.item
+            """
+        ).format(s=s)
+    ).fetchall()
+    return [
+        LatestRun(r["job"], r["unit"], r["target"], r["item"], r["status"], r["finished_at"],
+                  [f for f in r["findings"] if not f.get("verify_failed")])
+        for r in rows
+    ]
+
+
+def collect(project: Project) -> tuple[list[LatestRun], dict[str, str]]:
+    """Latest runs of the configured jobs on every target, and each target's reachability."""
+    wanted = {(job.name, target) for job in project.jobs.values() for target in project.targets_of(job)}
+    runs: list[LatestRun] = []
+    status: dict[str, str] = {}
+    for name, target in sorted(project.settings.targets.items()):
+        try:
+            conn = db.connect(target.conninfo(), connect_timeout=5)
+        except (db.TargetUnavailable, OSError, ValueError) as exc:
+            status[name] = f"unreachable: {exc}"
+            continue
+        try:
+            found = latest_runs(conn, project.settings.state_schema)
+            runs.extend(r for r in found if r.target == name and (r.job, r.target) in wanted)
+            status[name] = "ok"
+        except psycopg.Error as exc:
+            status[name] = f"error: {db.error_summary(exc)}"
+        finally:
+            conn.close()
+    return runs, status
+
+
+def build(project: Project) -> dict[str, Any]:
+    """The report as plain data (what `--json` prints)."""
+    runs, targets = collect(project)
+    sections: dict[str, dict[str, Any]] = {}
+    for run in runs:
+        unit = project.units.get(run.unit)
+        if unit is None:
+            continue
+        section = sections.setdefault(unit.name, {
+            "unit": unit.name, "description": unit.meta.description, "counts": {}, "findings": [],
+        })
+        for finding in run.findings:
+            section["findings"].append(_entry(unit, run, finding))
+    for section in sections.values():
+        # Stable: among equals, the unit's own order (its discover ORDER BY) and then target order.
+        section["findings"].sort(key=lambda e: -RANK.get(str(e["level"]), 0))
+        counts: dict[str, int] = {}
+        for entry in section["findings"]:
+            counts[str(entry["level"] or "none")] = counts.get(str(entry["level"] or "none"), 0) + 1
+        section["counts"] = counts
+        section["worst"] = section["findings"][0]["level"] if section["findings"] else None
+    ordered = sorted(sections.values(), key=lambda s: (-RANK.get(str(s["worst"]), 0), s["unit"]))
+    return {
+        "generated_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "targets": targets,
+        "sections": ordered,
+    }
+
+
+def _entry(unit: Unit, run: LatestRun, finding: Mapping[str, Any]) -> dict[str, Any]:
+    alerts = unit.meta.alerts or {}
+    level_field = alerts.get("level")
+    level = finding.get(level_field) if isinstance(level_field, str) else None
+    values = {str(m.get("value")): finding.get(str(m.get("value"))) for m in unit.meta.metrics.values()
+              if m.get("value") in finding}
+    if alerts:
+        message = finding_message(unit, finding)
+    else:
+        message = ", ".join(f"{k}={v}" for k, v in list(finding.items())[:3] if k != "action")
+    return {
+        "target": run.target, "job": run.job, "item": run.item, "level": level, "message": message,
+        "values": json_safe(values), "as_of": run.finished_at.isoformat(timespec="seconds"),
+        "run_status": run.status, "finding": json_safe(dict(finding)),
+    }
+
+
+def print_report(console: Console, report: Mapping[str, Any], *, limit: int = 10) -> None:
+    """One screen: each unit's worst findings first, the rest summarised."""
+    unreachable = {name: state for name, state in report["targets"].items() if state != "ok"}
+    reachable = len(report["targets"]) - len(unreachable)
+    console.print(f"[bold]pg-maintainer report[/bold]  {reachable} target(s) read, generated {report['generated_at']}",
+                  highlight=False)
+    for name, state in unreachable.items():
+        console.print(f"  [red]target {name}: {state}[/red]", highlight=False)
+    if not report["sections"]:
+        console.print("no findings recorded yet: run the jobs (maintainer trigger JOB) or start the daemon",
+                      style="dim")
+        return
+    for section in report["sections"]:
+        counts = ", ".join(f"{n} {level}" for level, n in sorted(section["counts"].items(),
+                                                                  key=lambda kv: -RANK.get(kv[0], 0)))
+        console.print()
+        console.print(f"[bold]{section['unit']}[/bold]  {counts}", highlight=False)
+        value_names: list[str] = []
+        for entry in section["findings"]:
+            value_names.extend(k for k in entry["values"] if k not in value_names)
+        table = Table("level", "target", *value_names, "finding", box=None, pad_edge=False, show_edge=False)
+        shown = section["findings"][:limit]
+        for entry in shown:
+            level = str(entry["level"] or "")
+            style = LEVEL_STYLE.get(level, "white")
+            table.add_row(f"[{style}]{level}[/{style}]", entry["target"],
+                          *(_fmt(name, entry["values"].get(name)) for name in value_names), entry["message"])
+        console.print(table)
+        hidden = section["findings"][limit:]
+        if hidden:
+            attention = sum(1 for e in hidden if RANK.get(str(e["level"]), 0) >= 2)
+            more = f"  … {len(hidden)} more" + (f" ({attention} warn or worse)" if attention else "")
+            console.print(more + " — maintainer report --json for all", style="dim", highlight=False)
+
+
+def _fmt(name: str, value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float) and "ratio" in name and 0 <= value <= 1:
+        return f"{value:.1%}"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
