@@ -325,6 +325,16 @@ def load_settings(path: Path) -> Settings:
         updates["jobs_dir"] = base / settings.jobs_dir
     if settings.templates_dir is not None and not settings.templates_dir.is_absolute():
         updates["templates_dir"] = base / settings.templates_dir
+    targets = {
+        name: target.model_copy(update={"dsn_file": base / target.dsn_file})
+        for name, target in settings.targets.items()
+        if target.dsn_file is not None and not target.dsn_file.is_absolute()
+    }
+    if targets:
+        updates["targets"] = {**settings.targets, **targets}
+    token = settings.http.trigger_token_file
+    if token is not None and not token.is_absolute():
+        updates["http"] = settings.http.model_copy(update={"trigger_token_file": base / token})
     return settings.model_copy(update=updates) if updates else settings
 
 

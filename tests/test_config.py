@@ -132,3 +132,14 @@ def test_windows_wrap_midnight() -> None:
     assert not night.contains(time(2, 0)) and not night.contains(time(12, 0))
     with pytest.raises(ValueError):
         Window.parse("25:00-01:00")
+
+
+def test_secret_files_are_relative_to_the_config_file(offline_workspace: Workspace) -> None:
+    (offline_workspace.root / "secrets").mkdir()
+    (offline_workspace.root / "secrets" / "dsn").write_text("postgresql://u@127.0.0.1:1/x\n")
+    offline_workspace.write_config(
+        targets={"app": {"dsn_file": "secrets/dsn"}}, http={"trigger_token_file": "secrets/token"}
+    )
+    settings = load_settings(offline_workspace.config)
+    assert settings.targets["app"].conninfo() == "postgresql://u@127.0.0.1:1/x"
+    assert settings.http.trigger_token_file == offline_workspace.root / "secrets" / "token"
