@@ -20,6 +20,20 @@ from maintainer.runner import RunOptions, run
 from maintainer.units import split_statements
 
 
+class PlaceholderArgs(dict[str, Any]):
+    """`--arg` values for dry runs by `check`: every name exists and binds as NULL.
+
+    Manual jobs (`erase-user --arg user_id=…`) then render and parse like any other; a NULL
+    argument matches no row, so their discover stays cheap and read-only.
+    """
+
+    def __contains__(self, key: object) -> bool:
+        return True
+
+    def __missing__(self, key: str) -> None:
+        return None
+
+
 @dataclass
 class Check:
     level: Literal["ok", "warn", "error"]
@@ -45,7 +59,7 @@ def run_checks(project: Project, *, connect: bool = True) -> list[Check]:
         checks.extend(_check_target(project, name))
     for job in sorted(project.jobs.values(), key=lambda j: j.name):
         for spec in project.run_specs(job):
-            result = run(spec, RunOptions(dry_run=True, trigger="check"))
+            result = run(spec, RunOptions(dry_run=True, trigger="check", args=PlaceholderArgs()))
             subject = f"job {job.name} on {spec.target_name}" + (f" [{spec.item_label}]" if spec.item_label else "")
             if result.status == "failed":
                 checks.append(Check("error", subject, result.error or "failed"))

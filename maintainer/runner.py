@@ -213,7 +213,7 @@ class _Run:
             "job": self.spec.job.name,
             "state_schema": self.spec.settings.state_schema,
             "now": dt.datetime.now(dt.UTC),
-            "args": dict(self.opts.args),
+            "args": self.opts.args,
             "dry_run": self.opts.dry_run,
             "prev": None,
             "row": {},

@@ -270,7 +270,9 @@ def split_statements(text: str, values: list[Any], where: str = "") -> list[Stat
     statements = []
     for piece in slices:
         chunk = text[piece]
-        tokens = [t for t in pg_parser.scan(chunk) if t.name == "PARAM"]
+        # Scanning builds a Python object per token (tens of ms for a big catalog query), and a
+        # statement without a `$` cannot hold a `$n` parameter.
+        tokens = [t for t in pg_parser.scan(chunk) if t.name == "PARAM"] if "$" in chunk else []
         if not tokens:
             statements.append(Statement(chunk.strip(), []))
             continue

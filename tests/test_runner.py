@@ -444,3 +444,21 @@ SELECT count(*)::int AS rows, max(id) AS last_id FROM done;
     result = run(project.run_specs(project.job("batched"))[0], RunOptions(progress=seen.append))
     assert result.status == "ok"
     assert [(p.iterations, p.rows, p.estimate) for p in seen] == [(1, 20, 50), (2, 40, 50), (3, 50, 50), (4, 50, 50)]
+
+
+def test_check_dry_runs_manual_jobs_with_null_arguments(workspace: Workspace, db: Database) -> None:
+    db.run_script("CREATE TABLE people (id bigint PRIMARY KEY, email text)")
+    workspace.unit("forget", """---
+description: erase one person
+---
+{% block discover %}
+SELECT count(*) AS matching FROM people WHERE id = {{ args.user_id | bind }}
+{% endblock %}
+{% block apply %}
+UPDATE people SET email = NULL WHERE id = {{ args.user_id | bind }};
+{% endblock %}
+""")
+    workspace.job("forget", unit="forget")
+    result = workspace.cli("check")
+    assert result.exit_code == 0, result.output
+    assert "job forget on app" in result.output
