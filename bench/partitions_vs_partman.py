@@ -1,0 +1,260 @@
+"""The `partitions` unit against pg_partman 4.x on PostgreSQL 15, measured side by side.
+
+Both tools get the same 200 monthly parents (RANGE on created_at, a primary key, one more index,
+an empty DEFAULT partition: pg_partman creates one, so the unit's parents get one too), in two
+databases of one throwaway cluster. Printed as ours / pg_partman:
+
+  (a) cold creation: the current month and 4 ahead for every parent. pg_partman: create_parent()
+      per parent (what an operator runs to set a table up); ours: one run of a job with 200 items
+      (engine included: connection, advisory lock, ledger, retries bookkeeping per item).
+  (b) a steady-state pass with nothing to do: partman.run_maintenance() against the same job run.
+  (c) discovery over 10,000 daily partitions of one parent (the unit's prepare + discover
+      queries), and a whole steady-state run of that item. The parent has no index, so building it
+      is quick; discovery reads the catalog only. With --partman-big, pg_partman's
+      run_maintenance() on the same shape for reference (building it twice takes minutes).
+
+Needs pg_partman for PostgreSQL 15 (Debian: apt-get install postgresql-15-partman) and the
+PostgreSQL 15 binaries in /usr/lib/postgresql/15/bin.
+
+Usage: .venv/bin/python bench/partitions_vs_partman.py [--parents 200] [--partitions 10000] [--repeat 3]
+                                                       [--partman-big]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import signal
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from maintainer.pgserver import LocalCluster, system15_kind
+from maintainer.project import load_project
+from maintainer.runner import run
+from maintainer.units import builtin_templates_dir, parse_unit, split_statements
+
+PARTMAN_CONTROL = Path("/usr/share/postgresql/15/extension/pg_partman.control")
+
+
+def parent_ddl(name: str) -> str:
+    return (
+        f"CREATE TABLE {name} (id bigserial, workspace_id bigint NOT NULL, payload text,"
+        f" created_at timestamptz NOT NULL, PRIMARY KEY (id, created_at)) PARTITION BY RANGE (created_at);"
+        f"CREATE INDEX {name}_ws ON {name} (workspace_id, created_at);"
+    )
+
+
+def progress(message: str) -> None:
+    print(f"  .. {message}", file=sys.stderr, flush=True)
+
+
+def timed(fn: Callable[[], Any]) -> float:
+    started = time.perf_counter()
+    fn()
+    return time.perf_counter() - started
+
+
+def month_start() -> dt.datetime:
+    now = dt.datetime.now(dt.UTC)
+    return dt.datetime(now.year, now.month, 1, tzinfo=dt.UTC)
+
+
+def count_partitions(conn: psycopg.Connection[Any], like: str) -> int:
+    row = conn.execute(
+        "SELECT count(*) FROM pg_inherits i JOIN pg_class p ON p.oid = i.inhparent JOIN pg_class c ON c.oid = i.inhrelid"
+        " JOIN pg_namespace n ON n.oid = p.relnamespace"
+        " WHERE n.nspname = 'public' AND p.relname LIKE %s AND c.relkind IN ('r', 'p')",
+        (like,),
+    ).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+# The engine's own cost per item (connection, replica check, advisory lock, ledger records): a
+# unit that finds nothing, over the same items.
+NOOP_UNIT = """---
+description: finds nothing (engine overhead per item)
+params:
+  table: {type: table, required: true}
+---
+{% block discover %}
+SELECT 1 AS nothing WHERE false
+{% endblock %}
+"""
+
+
+class Ours:
+    """A config directory with one job of N items, run in-process like `maintainer trigger`."""
+
+    def __init__(self, dsn: str, root: Path, tables: list[str], interval: str = "1 month") -> None:
+        for sub in ("jobs", "templates"):
+            (root / sub).mkdir()
+        (root / "templates" / "noop.sql.j2").write_text(NOOP_UNIT)
+        (root / "maintainer.yaml").write_text(yaml.safe_dump({
+            "targets": {"bench": {"dsn": dsn}},
+            "jobs_dir": "jobs",
+            "templates_dir": "templates",
+            "defaults": {"lock_timeout": "2s", "statement_timeout": "5min"},
+            "log_format": "text",
+        }))
+        items = [{"table": f"public.{t}"} for t in tables]
+        (root / "jobs" / "partitions.yaml").write_text(yaml.safe_dump({
+            "name": "partitions", "unit": "partitions", "params": {"interval": interval, "premake": 4},
+            "items": items,
+        }))
+        (root / "jobs" / "noop.yaml").write_text(yaml.safe_dump({"name": "noop", "unit": "noop", "items": items}))
+        self.config = root / "maintainer.yaml"
+
+    def run_all(self, job_name: str = "partitions") -> list[str]:
+        project = load_project(str(self.config))
+        job = project.job(job_name)
+        return [run(spec).status for spec in project.run_specs(job)]
+
+
+def discovery_seconds(dsn: str, table: str, repeat: int) -> tuple[float, int]:
+    """The unit's prepare + discover queries alone, as the runner renders them."""
+    unit = parse_unit(builtin_templates_dir() / "partitions.sql.j2", builtin=True)
+    params = unit.validate_params({"table": table, "interval": "1 day", "premake": 4}, "bench")
+    samples, rows = [], 0
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        for _ in range(repeat):
+            context: dict[str, Any] = {"params": params, "now": dt.datetime.now(dt.UTC), "args": {}, "row": {},
+                                       "prev": None, "dry_run": True, "target": "bench", "job": "partitions"}
+            started = time.perf_counter()
+            for block in ("prepare", "discover"):
+                text, binds = unit.render_block(block, context)
+                [statement] = split_statements(text, binds)
+                with psycopg.RawCursor(conn, row_factory=psycopg.rows.dict_row) as cur:
+                    cur.execute(statement.sql, statement.params or None)
+                    result = cur.fetchall()
+                context["prepared"] = result[0]
+            samples.append(time.perf_counter() - started)
+            rows = len(result)
+    return statistics.median(samples), rows
+
+
+def make_big(conn: psycopg.Connection[Any], name: str, partitions: int, style: str = "YYYYMMDD") -> None:
+    """`partitions` daily partitions ending a few days ahead, created in batches of 1,000 (named the
+    way the tool expects: pg_partman recognises only its own names)."""
+    conn.execute(f"CREATE TABLE {name} (id bigint, created_at timestamptz NOT NULL) PARTITION BY RANGE (created_at)")
+    first = dt.date.today() + dt.timedelta(days=5) - dt.timedelta(days=partitions)
+    for start in range(0, partitions, 1000):
+        conn.execute(f"""
+            DO $$
+            DECLARE d date;
+            BEGIN
+                FOR i IN {start} .. {min(start + 1000, partitions) - 1} LOOP
+                    d := date '{first.isoformat()}' + i;
+                    EXECUTE format('CREATE TABLE %I PARTITION OF {name} FOR VALUES FROM (%L) TO (%L)',
+                                   '{name}_p' || to_char(d, '{style}'), d::text || ' 00:00+00',
+                                   (d + 1)::text || ' 00:00+00');
+                END LOOP;
+            END $$""")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--parents", type=int, default=200)
+    parser.add_argument("--partitions", type=int, default=10_000)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--partman-big", action="store_true", help="also time pg_partman on the big parent")
+    args = parser.parse_args()
+    # a SIGTERM must still stop the throwaway cluster and remove its files
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    kind = system15_kind()
+    if kind is None or not PARTMAN_CONTROL.exists():
+        print("needs PostgreSQL 15 binaries and pg_partman: apt-get install postgresql-15-partman", file=sys.stderr)
+        return 2
+    tables = [f"m{n:03d}" for n in range(args.parents)]
+    settings = {"max_locks_per_transaction": "1024"}
+    with LocalCluster(kind, settings=settings) as cluster, tempfile.TemporaryDirectory() as tmp:
+        admin = cluster.connect()
+        for db in ("partman", "ours"):
+            admin.execute(f"CREATE DATABASE {db}")
+        partman = psycopg.connect(cluster.dsn("partman"), autocommit=True)
+        ours_conn = psycopg.connect(cluster.dsn("ours"), autocommit=True)
+        partman.execute("CREATE SCHEMA partman; CREATE EXTENSION pg_partman SCHEMA partman")
+        version = partman.execute("SELECT extversion FROM pg_extension WHERE extname = 'pg_partman'").fetchone()
+        for name in tables:
+            partman.execute(parent_ddl(name))
+            ours_conn.execute(parent_ddl(name) + f"CREATE TABLE {name}_default PARTITION OF {name} DEFAULT;")
+        ours = Ours(cluster.dsn("ours"), Path(tmp), tables)
+        start = month_start().strftime("%Y-%m-%d 00:00:00+00")
+        print(f"PostgreSQL {cluster.version_num}, pg_partman {version[0] if version else '?'}, "
+              f"{args.parents} monthly parents, median of {args.repeat} for (b) and (c)\n")
+
+        # (a) cold creation: the current month and 4 ahead, per parent
+        def partman_create() -> None:
+            for name in tables:
+                partman.execute(
+                    "SELECT partman.create_parent(%s, 'created_at', 'native', 'monthly', p_premake := 4,"
+                    " p_start_partition := %s, p_jobmon := false)",
+                    (f"public.{name}", start),
+                )
+
+        a_partman = timed(partman_create)
+        progress(f"(a) pg_partman {a_partman:.2f} s")
+        statuses: list[str] = []
+        a_ours = timed(lambda: statuses.extend(ours.run_all()))
+        assert set(statuses) == {"ok"}, statuses
+        # pg_partman adds its DEFAULT as a sixth child; ours had it from the start
+        assert count_partitions(partman, "m%") == count_partitions(ours_conn, "m%") == 6 * args.parents
+
+        progress(f"(a) ours {a_ours:.2f} s")
+        # (b) steady state: nothing to create, nothing to retire
+        b_partman = statistics.median(
+            timed(lambda: partman.execute("SELECT partman.run_maintenance(p_jobmon := false)"))
+            for _ in range(args.repeat))
+        b_ours = statistics.median(timed(ours.run_all) for _ in range(args.repeat))
+        floor = statistics.median(timed(lambda: ours.run_all("noop")) for _ in range(args.repeat))
+        assert count_partitions(partman, "m%") == count_partitions(ours_conn, "m%") == 6 * args.parents
+
+        progress(f"(b) ours {b_ours:.2f} s, pg_partman {b_partman:.2f} s, engine floor {floor:.2f} s")
+        # (c) discovery over 10,000 partitions of one parent
+        build = timed(lambda: make_big(ours_conn, "big", args.partitions))
+        progress(f"(c) {args.partitions} partitions built in {build:.0f} s")
+        c_discover, rows = discovery_seconds(cluster.dsn("ours"), "public.big", args.repeat)
+        big_root = Path(tmp) / "big"
+        big_root.mkdir()
+        big = Ours(cluster.dsn("ours"), big_root, ["big"], interval="1 day")
+        big.run_all()  # first run: nothing should be missing, but make sure (b)-style runs are steady
+        c_run = statistics.median(timed(big.run_all) for _ in range(args.repeat))
+        progress(f"(c) discovery {c_discover:.3f} s, steady run {c_run:.3f} s")
+        c_partman = None
+        if args.partman_big:
+            make_big(partman, "big", args.partitions, style="YYYY_MM_DD")
+            partman.execute("SELECT partman.create_parent('public.big', 'created_at', 'native', 'daily',"
+                            " p_premake := 4, p_jobmon := false)")
+            c_partman = statistics.median(
+                timed(lambda: partman.execute("SELECT partman.run_maintenance('public.big', p_jobmon := false)"))
+                for _ in range(args.repeat))
+        admin.close()
+        partman.close()
+        ours_conn.close()
+
+    def line(label: str, mine: float, theirs: float, goal: str) -> None:
+        print(f"{label:<58} ours {mine:8.3f} s   pg_partman {theirs:8.3f} s   ratio {mine / theirs:5.2f}x   goal {goal}")
+
+    line(f"(a) cold creation, {args.parents} parents x 5 partitions", a_ours, a_partman, "<= 1.5x")
+    line(f"(b) steady-state pass, {args.parents} parents", b_ours, b_partman, "<= 1.0x")
+    print(f"    engine floor (a unit that finds nothing, same {args.parents} items): {floor:.3f} s;"
+          f" the unit's own share of (a) {a_ours - floor:.3f} s ({(a_ours - floor) / a_partman:.2f}x),"
+          f" of (b) {b_ours - floor:.3f} s ({(b_ours - floor) / b_partman:.2f}x)")
+    print(f"(c) discovery over {args.partitions} partitions (prepare + discover, {rows} row): "
+          f"{c_discover * 1000:.0f} ms (goal < 1 s); whole steady run of that item {c_run * 1000:.0f} ms"
+          + (f"; pg_partman run_maintenance on it {c_partman * 1000:.0f} ms" if c_partman is not None else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
