@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 import pglast
 import yaml
-from jinja2 import Template, TemplateSyntaxError
+from jinja2 import Template, TemplateSyntaxError, nodes
 from pglast import parser as pg_parser
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -213,8 +213,10 @@ def parse_unit(path: Path, name: str | None = None, builtin: bool = False) -> Un
         raise UnitError(f"{path}: front matter: {exc}") from None
     # Keep the line numbers of the file in Jinja's errors by replacing front matter with blank lines.
     body = "\n" * match.group(0).count("\n") + source[match.end() :]
+    env = make_environment()
     try:
-        template = make_environment().from_string(body)
+        _refuse_unguarded_output(env.parse(body), path)
+        template = env.from_string(body)
     except TemplateSyntaxError as exc:
         raise UnitError(f"{path}:{exc.lineno}: template syntax error: {exc.message}") from None
     unknown = set(template.blocks) - set(BLOCKS)
@@ -223,6 +225,17 @@ def parse_unit(path: Path, name: str | None = None, builtin: bool = False) -> Un
     if "apply" not in template.blocks and "discover" not in template.blocks:
         raise UnitError(f"{path}: a unit needs a discover or an apply block")
     return Unit(name or path.name.removesuffix(".sql.j2"), path, meta, template, builtin, source)
+
+
+def _refuse_unguarded_output(tree: nodes.Template, path: Path) -> None:
+    """`{% call %}` and `{% filter %}` write their result without passing the output guard, so a
+    value could reach the SQL raw (or a quoted literal be un-quoted by a string filter)."""
+    for node in tree.find_all((nodes.CallBlock, nodes.FilterBlock)):
+        tag = "call" if isinstance(node, nodes.CallBlock) else "filter"
+        raise UnitError(
+            f"{path}:{node.lineno}: {{% {tag} %}} blocks are not allowed in units: their output bypasses the "
+            "ident/literal/bind guard"
+        )
 
 
 def builtin_templates_dir() -> Path:

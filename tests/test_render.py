@@ -129,3 +129,14 @@ def test_unit_syntax_error_names_file_and_line(tmp_path: Path) -> None:
     path.write_text("---\ndescription: x\n---\n{% block apply %}\nSELECT {{ 1 | ident \n{% endblock %}\n")
     with pytest.raises(UnitError, match=r"bad.sql.j2:6: template syntax error"):
         parse_unit(path)
+
+
+@pytest.mark.parametrize("body", [
+    "{% call v.format() %}{% endcall %}",
+    "{% filter replace(\"'\", '') %}{{ v | literal }}{% endfilter %}",
+])
+def test_blocks_whose_output_bypasses_the_guard_are_refused(tmp_path: Path, body: str) -> None:
+    path = tmp_path / "u.sql.j2"
+    path.write_text("---\ndescription: x\n---\n{% block apply %}\nSELECT " + body + "\n{% endblock %}\n")
+    with pytest.raises(UnitError, match="bypasses the ident/literal/bind guard"):
+        parse_unit(path)
