@@ -16,7 +16,7 @@ import psycopg
 
 from maintainer import db
 from maintainer.project import Project
-from maintainer.runner import RunOptions, run
+from maintainer.runner import RunOptions, run_all
 from maintainer.units import split_statements
 
 
@@ -58,8 +58,9 @@ def run_checks(project: Project, *, connect: bool = True) -> list[Check]:
     for name in sorted(settings.targets):
         checks.extend(_check_target(project, name))
     for job in sorted(project.jobs.values(), key=lambda j: j.name):
-        for spec in project.run_specs(job):
-            result = run(spec, RunOptions(dry_run=True, trigger="check", args=PlaceholderArgs()))
+        specs = project.run_specs(job)
+        results = run_all(specs, RunOptions(dry_run=True, trigger="check", args=PlaceholderArgs()))
+        for spec, result in zip(specs, results, strict=True):
             subject = f"job {job.name} on {spec.target_name}" + (f" [{spec.item_label}]" if spec.item_label else "")
             if result.status == "failed":
                 checks.append(Check("error", subject, result.error or "failed"))

@@ -15,7 +15,7 @@ from maintainer import output
 from maintainer.config import ConfigError
 from maintainer.project import Project, load_project, parse_args
 from maintainer.results import RunResult, exit_code
-from maintainer.runner import Progress, RunOptions, run
+from maintainer.runner import Progress, RunOptions, run_all
 
 
 def _console(stderr: bool = False) -> Console:
@@ -90,7 +90,7 @@ def _run_job(
     if not specs:
         stderr.print(f"job {job_name!r} has no targets to run on")
         sys.exit(2)
-    return [run(spec, RunOptions(trigger=trigger, args=args, dry_run=dry_run, progress=progress)) for spec in specs]
+    return run_all(specs, RunOptions(trigger=trigger, args=args, dry_run=dry_run, progress=progress))
 
 
 target_option = click.option("-t", "--target", default=None, help="only this target")

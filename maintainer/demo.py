@@ -24,7 +24,7 @@ from maintainer.config import ConfigError
 from maintainer.pgserver import LocalCluster, embedded_kind
 from maintainer.project import load_project, parse_args
 from maintainer.results import RunResult
-from maintainer.runner import RunOptions, run
+from maintainer.runner import RunOptions, run_all
 
 # Manual-only jobs need their arguments; the demo erases one sample user.
 DEMO_ARGS: dict[str, list[str]] = {"erase-user": ["user_id=42", "email=user42@example.com"]}
@@ -78,8 +78,7 @@ def run_all_jobs(config: Path, console: Console) -> list[RunResult]:
     for job in sorted(project.jobs.values(), key=lambda j: j.name):
         console.print(Rule(f"{job.name} ({job.unit})"))
         args = parse_args(DEMO_ARGS.get(job.name, []))
-        for spec in project.run_specs(job):
-            result = run(spec, RunOptions(trigger="manual", args=args))
+        for result in run_all(project.run_specs(job), RunOptions(trigger="manual", args=args)):
             output.print_run(console, result, show_sql=False)
             results.append(result)
     return results

@@ -9,6 +9,7 @@ and writes nothing, not even the ledger.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import functools
 import random
@@ -56,6 +57,58 @@ class RunOptions:
     # Called with every work connection the run opens (reconnects too), so a daemon shutting down can
     # cancel a statement that outlives its grace period.
     on_connect: Callable[[psycopg.Connection[Any]], None] | None = None
+    # Connections shared with the other items of the same (job, target); None = a fresh pair.
+    session: Session | None = None
+
+
+class Session:
+    """Connections shared by consecutive runs on one target, e.g. the items of a job.
+
+    Isolation stays per run — each (job, target, item) takes its own advisory lock, runs its own
+    transactions and writes its own ledger record — but the items stop paying for two new backends,
+    cold catalog caches and a ledger schema check each. Session settings a unit changed are reset
+    between runs (`RESET ALL`), and a connection that broke is replaced by the next run.
+    """
+
+    def __init__(self) -> None:
+        self.conninfo: str | None = None
+        self.conn: psycopg.Connection[Any] | None = None
+        self.ledger_conn: psycopg.Connection[Any] | None = None
+        self.ledger_ready = False
+        self.purged = False
+
+    @staticmethod
+    def usable(conn: psycopg.Connection[Any] | None) -> bool:
+        return conn is not None and not conn.closed and not conn.broken
+
+    def close(self) -> None:
+        for conn in (self.conn, self.ledger_conn):
+            if conn is not None and not conn.closed:
+                conn.close()
+        self.conn = self.ledger_conn = None
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def run_all(specs: list[RunSpec], options: Callable[[RunSpec], RunOptions] | RunOptions) -> list[RunResult]:
+    """Run several specs in order, sharing one session per target (see `Session`)."""
+    sessions: dict[str, Session] = {}
+    results = []
+    try:
+        for spec in specs:
+            opts = options(spec) if callable(options) else dataclasses.replace(options)
+            if opts.cancel is not None and opts.cancel.is_set():
+                break
+            opts.session = sessions.setdefault(spec.target_name, Session())
+            results.append(run(spec, opts))
+    finally:
+        for session in sessions.values():
+            session.close()
+    return results
 
 
 class RunFailed(Exception):
@@ -95,6 +148,8 @@ class _Run:
         self.ledger_conn: psycopg.Connection[Any] | None = None
         self.locked = False
         self.attempts = 0
+        self.owns_session = options.session is None
+        self.session = options.session or Session()
 
     # -- top level ------------------------------------------------------------------------------
 
@@ -168,41 +223,55 @@ class _Run:
 
     # -- connection and ledger ------------------------------------------------------------------
 
-    def _connect(self) -> psycopg.Connection[Any]:
+    def _connect(self, fresh: bool = False) -> psycopg.Connection[Any]:
         try:
             conninfo = self.spec.target.conninfo()
         except OSError as exc:
             raise RunFailed(f"cannot read dsn_file of target {self.spec.target_name!r}: {exc.strerror}") from None
-        conn = db.connect(conninfo, application_name=f"pg-maintainer {self.spec.job.name}"[:63])
+        session = self.session
+        if session.conninfo != conninfo:
+            session.close()  # the DSN changed (a rotated dsn_file): nothing of the old session is reused
+            session.conninfo = conninfo
+        if fresh or not Session.usable(session.conn):
+            if session.conn is not None and not session.conn.closed:
+                session.conn.close()
+            session.conn = db.connect(conninfo, application_name=f"pg-maintainer {self.spec.job.name}"[:63])
+        else:
+            assert session.conn is not None
+            session.conn.execute("RESET ALL")  # whatever the previous run's unit SET for itself
         if self.opts.on_connect is not None:
-            self.opts.on_connect(conn)
-        return conn
+            self.opts.on_connect(session.conn)
+        return session.conn
 
     def _open_ledger(self) -> None:
-        self.ledger_conn = db.connect(self.spec.target.conninfo(), application_name="pg-maintainer ledger")
+        session = self.session
+        if not Session.usable(session.ledger_conn):
+            session.ledger_conn = db.connect(self.spec.target.conninfo(), application_name="pg-maintainer ledger")
+            session.ledger_ready = False
+        assert session.ledger_conn is not None
+        self.ledger_conn = session.ledger_conn
         self.ledger = Ledger(self.ledger_conn, self.spec.settings.state_schema)
-        self.ledger.ensure()
+        if not session.ledger_ready:
+            self.ledger.ensure()
+            session.ledger_ready = True
 
     def _reconnect(self) -> None:
         """After a lost connection: new session, same timeouts, and the advisory lock again."""
-        if self.conn is not None and not self.conn.closed:
-            self.conn.close()
-        self.conn = self._connect()
+        self.conn = self._connect(fresh=True)
         if self.locked and not db.try_advisory_lock(self.conn, self.lock_key):
             self.locked = False
             raise RunFailed("lost the connection and another runner took the lock meanwhile")
         db.set_timeouts(self.conn, lock_timeout=self.lock_timeout, statement_timeout=self.statement_timeout)
 
     def _close(self) -> None:
-        if self.conn is not None and not self.conn.closed:
+        if self.conn is not None and not self.conn.closed and self.locked:
             try:
-                if self.locked:
-                    db.advisory_unlock(self.conn, self.lock_key)
+                db.advisory_unlock(self.conn, self.lock_key)
             except psycopg.Error:
-                pass  # closing the session releases the lock anyway
-            self.conn.close()
-        if self.ledger_conn is not None and not self.ledger_conn.closed:
-            self.ledger_conn.close()
+                # Cannot tell whether the lock is gone: end the session, which releases it for sure.
+                self.conn.close()
+        if self.owns_session:
+            self.session.close()
 
     # -- phases ---------------------------------------------------------------------------------
 
@@ -521,7 +590,9 @@ class _Run:
                 summary=None,
                 level_field=level_field,
             )
-            self.ledger.purge(self.spec.settings.defaults.history_retention)
+            if not self.session.purged:
+                self.ledger.purge(self.spec.settings.defaults.history_retention)
+                self.session.purged = True
         except psycopg.Error:
             # A ledger hiccup must not turn a finished maintenance run into a failure.
             pass

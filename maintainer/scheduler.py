@@ -52,7 +52,7 @@ from maintainer.outcomes import Outcomes
 from maintainer.project import Project, RunSpec, load_project, parse_args
 from maintainer.report import latest_runs
 from maintainer.results import RunResult, exit_code
-from maintainer.runner import RunOptions, run
+from maintainer.runner import RunOptions, Session, run
 
 log = logging.getLogger("maintainer")
 
@@ -326,12 +326,14 @@ class Daemon:
         config = sentry.monitor_config(job, project.settings) if self.alerts.enabled else None
         checkin = CheckIn(sentry.monitor_slug(job.name, target), config) if config is not None else None
         results = []
-        for spec in specs:
-            if self.cancel.is_set():
-                break
-            results.append(self._run(spec, RunOptions(
-                trigger="schedule", cancel=self.cancel, on_locked=self._once_per_tick(spec, tick, checkin),
-            )))
+        with Session() as session:
+            for spec in specs:
+                if self.cancel.is_set():
+                    break
+                results.append(self._run(spec, RunOptions(
+                    trigger="schedule", cancel=self.cancel, on_locked=self._once_per_tick(spec, tick, checkin),
+                    session=session,
+                )))
         if checkin is not None:
             checkin.finish(ok=len(results) == len(specs) and all(r.status != "failed" for r in results))
 
@@ -426,11 +428,14 @@ class Daemon:
 
         def work() -> None:
             try:
-                for spec in specs:
-                    if self.cancel.is_set():
-                        break
-                    options = RunOptions(trigger="http", args=parsed, dry_run=dry_run, cancel=self.cancel)
-                    trigger.results.append(self._run(spec, options))
+                with Session() as session:
+                    for spec in specs:
+                        if self.cancel.is_set():
+                            break
+                        options = RunOptions(
+                            trigger="http", args=parsed, dry_run=dry_run, cancel=self.cancel, session=session
+                        )
+                        trigger.results.append(self._run(spec, options))
             finally:
                 trigger.done.set()
 

@@ -462,3 +462,30 @@ UPDATE people SET email = NULL WHERE id = {{ args.user_id | bind }};
     result = workspace.cli("check")
     assert result.exit_code == 0, result.output
     assert "job forget on app" in result.output
+
+
+def test_items_share_a_session_but_not_its_settings_or_locks(workspace: Workspace, db: Database) -> None:
+    workspace.unit("probe", """---
+description: report the backend, then change a session setting
+params:
+  n: {type: integer, required: true}
+---
+{% block discover %}
+SELECT pg_backend_pid() AS pid, current_setting('work_mem') AS work_mem,
+       current_setting('lock_timeout') AS lock_timeout,
+       (SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid()) AS advisory_locks,
+       1 / ({{ params.n | bind }}::int - 2) AS boom
+{% endblock %}
+{% block apply %}
+SET work_mem = '77MB';
+{% endblock %}
+""")
+    workspace.job("probe", unit="probe", timeouts={"lock": "1500ms"}, items=[{"n": 1}, {"n": 2}, {"n": 3}])
+    runs = json.loads(workspace.cli("trigger", "probe", "--json").output)["runs"]
+    assert [r["status"] for r in runs] == ["ok", "failed", "ok"]  # the middle item divides by zero, alone
+    first, third = runs[0]["findings"][0], runs[2]["findings"][0]
+    assert first["pid"] == third["pid"]  # one backend for the items of a (job, target)
+    assert first["work_mem"] == third["work_mem"] != "77MB"  # the first item's SET did not leak
+    assert third["lock_timeout"] == "1500ms"
+    assert first["advisory_locks"] == third["advisory_locks"] == 1  # each item holds only its own lock
+    assert db.execute("SELECT count(*) FROM maintainer.run") == [(3,)]
