@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from maintainer.pgserver import LocalCluster, system15_kind
 from maintainer.project import load_project
-from maintainer.runner import run
+from maintainer.runner import RunOptions, run_all
 from maintainer.units import builtin_templates_dir, parse_unit, split_statements
 
 PARTMAN_CONTROL = Path("/usr/share/postgresql/15/extension/pg_partman.control")
@@ -118,7 +118,8 @@ class Ours:
     def run_all(self, job_name: str = "partitions") -> list[str]:
         project = load_project(str(self.config))
         job = project.job(job_name)
-        return [run(spec).status for spec in project.run_specs(job)]
+        # As `maintainer trigger` and the daemon run a job: the items share one session per target.
+        return [r.status for r in run_all(project.run_specs(job), RunOptions())]
 
 
 def discovery_seconds(dsn: str, table: str, repeat: int) -> tuple[float, int]:
