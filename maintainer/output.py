@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import psycopg
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.syntax import Syntax
 from rich.table import Table
@@ -37,21 +38,29 @@ def _fmt(value: Any) -> str:
 
 def print_run(console: Console, result: RunResult, *, show_sql: bool) -> None:
     style = STATUS_STYLE.get(result.status, "white")
-    item = f" [{_item_text(result.item)}]" if result.item else ""
+    item = f" \\[{escape(_item_text(result.item))}]" if result.item else ""
     console.print(
         f"[bold]{result.job}[/bold] on [bold]{result.target}[/bold]{item}: "
         f"[{style}]{result.status}[/{style}] in {result.seconds:.2f}s",
         highlight=False,
     )
     if result.reason:
-        console.print(f"  {result.reason}", highlight=False)
+        console.print(f"  {escape(result.reason)}", highlight=False)
     if result.error:
         console.print(
-            f"  [red]error:[/red] {result.error}" + (f" (SQLSTATE {result.sqlstate})" if result.sqlstate else ""),
+            f"  [red]error:[/red] {escape(result.error)}"
+            + (f" (SQLSTATE {result.sqlstate})" if result.sqlstate else ""),
             highlight=False,
         )
     if result.findings:
-        console.print(findings_table(result.findings, result.display))
+        shown = _worth_showing(result.findings)
+        console.print(findings_table(shown, result.display))
+        if len(shown) < len(result.findings):
+            console.print(
+                f"  … and {len(result.findings) - len(shown)} more finding(s) at level ok (--json shows all)",
+                style="dim",
+                highlight=False,
+            )
         print_hints(console, result.findings, result.display)
     if result.actions:
         if show_sql:
@@ -60,10 +69,19 @@ def print_run(console: Console, result: RunResult, *, show_sql: bool) -> None:
                 console.print(Syntax(action.sql.rstrip() + ";", "sql", word_wrap=True, background_color="default"))
         else:
             table = Table("#", "status", "rows", "seconds", "statement", box=None, pad_edge=False)
-            for number, action in enumerate(result.actions, 1):
+            for number, action in enumerate(result.actions[:MAX_ACTION_ROWS], 1):
                 first_line = action.sql.strip().splitlines()[0] if action.sql.strip() else ""
-                table.add_row(str(number), action.status, _fmt(action.rows), _fmt(action.seconds), first_line[:100])
+                table.add_row(
+                    str(number), action.status, _fmt(action.rows), _fmt(action.seconds), escape(first_line[:100])
+                )
             console.print(table)
+            hidden = len(result.actions) - MAX_ACTION_ROWS
+            if hidden > 0:
+                console.print(
+                    f"  … and {hidden} more statement(s) (--json or `maintainer history` show all)",
+                    style="dim",
+                    highlight=False,
+                )
     elif result.status in ("ok", "planned") and not result.findings:
         console.print("  nothing to do", style="dim")
 
@@ -74,6 +92,18 @@ def _item_text(item: dict[str, Any] | None) -> str:
     if "table" in item:
         return str(item["table"])
     return ", ".join(f"{k}={v}" for k, v in item.items())
+
+
+# Human output stays one screen per run; --json and the ledger always carry everything.
+MAX_FINDING_ROWS = 20
+MAX_ACTION_ROWS = 15
+
+
+def _worth_showing(findings: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every finding that needs attention, then `ok` ones up to the row budget."""
+    attention = [f for f in findings if f.get("level") not in ("ok", None) or f.get("action")]
+    calm = [f for f in findings if f not in attention]
+    return attention + calm[: max(MAX_FINDING_ROWS - len(attention), 0)]
 
 
 _HIDDEN_FIELDS = {"action"}
@@ -94,10 +124,10 @@ def findings_table(findings: list[dict[str, Any]], display: list[str] | None = N
                 if key not in columns and key not in _HIDDEN_FIELDS and key != "hint":
                     columns.append(key)
     table = Table(*columns, box=None, pad_edge=False, show_edge=False)
-    for finding in sorted(findings, key=lambda f: _SEVERITY.get(f.get("level"), 9)):
+    for finding in sorted(findings, key=lambda f: (_SEVERITY.get(f.get("level"), 9), not f.get("action"))):
         cells = []
         for key in columns:
-            text = _cell(key, finding.get(key))
+            text = escape(_cell(key, finding.get(key)))
             if key == "level" and text in LEVEL_STYLE:
                 text = f"[{LEVEL_STYLE[text]}]{text}[/{LEVEL_STYLE[text]}]"
             cells.append(text)
@@ -110,7 +140,7 @@ def print_hints(console: Console, findings: list[dict[str, Any]], display: list[
     for finding in findings:
         if finding.get("hint") and finding.get("level") not in (None, "ok"):
             subject = next((str(finding[k]) for k in (display or list(finding)) if finding.get(k)), "")
-            console.print(f"  [yellow]→[/yellow] {subject}: {finding['hint']}", highlight=False)
+            console.print(f"  [yellow]→[/yellow] {escape(subject)}: {escape(str(finding['hint']))}", highlight=False)
 
 
 @contextmanager
