@@ -245,6 +245,13 @@ class _FieldsOnly(string.Formatter):
             raise KeyError(field_name)
         return kwargs[field_name], field_name
 
+    def format_field(self, value: Any, format_spec: str) -> Any:
+        # A NULL field in a free-text position (`{cause}`) reads as nothing, not "None"; a NULL
+        # under a number format still fails, and the caller falls back to its plain message.
+        if value is None and not format_spec:
+            return ""
+        return super().format_field(value, format_spec)
+
 
 _FORMATTER = _FieldsOnly()
 
@@ -253,7 +260,7 @@ def format_message(template: str | None, finding: Mapping[str, Any], fallback: s
     if not template:
         return fallback
     try:
-        return _FORMATTER.vformat(template, (), dict(finding))
+        return _FORMATTER.vformat(template, (), dict(finding)).strip()
     except (KeyError, ValueError, TypeError, IndexError):
         return fallback  # e.g. a ratio that is NULL for an unreadable sequence
 

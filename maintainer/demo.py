@@ -19,7 +19,7 @@ import yaml
 from rich.console import Console
 from rich.rule import Rule
 
-from maintainer import output
+from maintainer import output, report
 from maintainer.config import ConfigError
 from maintainer.pgserver import LocalCluster, embedded_kind
 from maintainer.project import load_project, parse_args
@@ -72,6 +72,24 @@ def load_sample(dsn: str, console: Console) -> float:
     return seconds
 
 
+def report_before(config: Path, console: Console) -> None:
+    """What every job would find, from a dry run: nothing is changed or recorded."""
+    project = load_project(str(config))
+    planned: list[RunResult] = []
+    for job in sorted(project.jobs.values(), key=lambda j: j.name):
+        args = parse_args(DEMO_ARGS.get(job.name, []))
+        planned.extend(run_all(project.run_specs(job), RunOptions(trigger="manual", args=args, dry_run=True)))
+    console.print(Rule("report before maintenance (from a dry run of every job)"))
+    targets = {name: "ok" for name in project.settings.targets}
+    report.print_report(console, report.assemble(project, report.from_results(planned), targets), limit=5)
+
+
+def report_after(config: Path, console: Console) -> None:
+    project = load_project(str(config))
+    console.print(Rule("report after maintenance (from the ledger)"))
+    report.print_report(console, report.build(project), limit=5)
+
+
 def run_all_jobs(config: Path, console: Console) -> list[RunResult]:
     project = load_project(str(config))
     results: list[RunResult] = []
@@ -115,7 +133,9 @@ def run_demo(console: Console, *, workdir: str = ".demo", keep: bool = False) ->
         load_sample(dsn, console)
         config = write_config(Path(workdir), dsn)
         try:
+            report_before(config, console)
             results = run_all_jobs(config, console)
+            report_after(config, console)
         except ConfigError as exc:
             for problem in exc.problems:
                 console.print(f"[red]error:[/red] {problem}")

@@ -21,8 +21,8 @@ from rich.table import Table
 
 from maintainer import db
 from maintainer.alerts import finding_message
-from maintainer.project import Project
-from maintainer.results import json_safe
+from maintainer.project import Project, item_label
+from maintainer.results import RunResult, json_safe
 from maintainer.units import Unit
 
 # Report order: what needs a human first. `unknown` (could not be measured) outranks `ok`.
@@ -106,6 +106,20 @@ def collect(project: Project) -> tuple[list[LatestRun], dict[str, str]]:
 def build(project: Project) -> dict[str, Any]:
     """The report as plain data (what `--json` prints)."""
     runs, targets = collect(project)
+    return assemble(project, runs, targets)
+
+
+def from_results(results: list[RunResult]) -> list[LatestRun]:
+    """Runs that have not been recorded (e.g. a dry run of every job) in the report's shape."""
+    return [
+        LatestRun(r.job, r.unit, r.target, item_label(r.item), r.status, r.finished_at or r.started_at,
+                  list(r.findings))
+        for r in results
+    ]
+
+
+def assemble(project: Project, runs: list[LatestRun], targets: dict[str, str]) -> dict[str, Any]:
+    """Group findings by unit, the worst first."""
     sections: dict[str, dict[str, Any]] = {}
     for run in runs:
         unit = project.units.get(run.unit)
