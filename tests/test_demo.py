@@ -23,3 +23,7 @@ def test_demo_runs_every_sample_job_successfully(tmp_path: Path) -> None:
     assert "failed" not in result.output.split("summary")[-1]
     # the sample data is built to need maintenance: the sequences job must find trouble
     assert "critical" in result.output and "warn" in result.output
+    before, _, after = result.output.partition("report after maintenance")
+    assert "report before maintenance" in before and after
+    # the partitions job premade what was missing: the before report warns, the after report does not
+    assert "1 partition(s) ahead" in before and "1 partition(s) ahead" not in after
