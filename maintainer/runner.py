@@ -462,7 +462,9 @@ class _Run:
         if self.opts.dry_run:
             self.result.actions.extend(Action(s.sql, "planned") for s in statements)
             return 0, None
-        if self.unit.meta.transaction == "none":
+        # A single statement is atomic on its own: BEGIN and COMMIT would only add two round trips
+        # per step (per batch, for repeated steps).
+        if self.unit.meta.transaction == "none" or len(statements) == 1:
             total, last = 0, None
             for statement in statements:
                 rows, last_row = self._with_retries(functools.partial(self._run_one, statement, autocommit=True))

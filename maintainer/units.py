@@ -7,6 +7,7 @@ sandbox in `render.py`, and splits the result into statements with PostgreSQL's 
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -277,31 +278,41 @@ class Statement:
 def split_statements(text: str, values: list[Any], where: str = "") -> list[Statement]:
     """Split with PostgreSQL's parser (so `DO $$ …; … $$` stays whole) and renumber `$n` per statement."""
     try:
-        slices = pglast.split(text, with_parser=True, only_slices=True)
+        plan = _split_plan(text)
     except pg_parser.ParseError as exc:
         raise UnitError(f"{where}SQL syntax error: {exc}") from None
     statements = []
-    for piece in slices:
+    for sql_text, numbers in plan:
+        for number in numbers:
+            if number < 1 or number > len(values):
+                raise UnitError(f"{where}parameter ${number} has no bound value (write {{{{ x | bind }}}})")
+        statements.append(Statement(sql_text, [values[n - 1] for n in numbers]))
+    return statements
+
+
+@functools.lru_cache(maxsize=512)
+def _split_plan(text: str) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    """Each statement's text with its `$n` renumbered from 1, and the block-wide numbers it uses.
+
+    Cached by text: the batches of a repeated step render the same text with new bound values, so
+    only the first batch pays for parsing.
+    """
+    plan = []
+    for piece in pglast.split(text, with_parser=True, only_slices=True):
         chunk = text[piece]
         # Scanning builds a Python object per token (tens of ms for a big catalog query), and a
         # statement without a `$` cannot hold a `$n` parameter.
         tokens = [t for t in pg_parser.scan(chunk) if t.name == "PARAM"] if "$" in chunk else []
-        if not tokens:
-            statements.append(Statement(chunk.strip(), []))
-            continue
         mapping: dict[int, int] = {}
         out, last = [], 0
         for token in tokens:
             number = int(chunk[token.start + 1 : token.end + 1])
-            if number < 1 or number > len(values):
-                raise UnitError(f"{where}parameter ${number} has no bound value (write {{{{ x | bind }}}})")
             mapping.setdefault(number, len(mapping) + 1)
             out.append(chunk[last : token.start] + f"${mapping[number]}")
             last = token.end + 1
         out.append(chunk[last:])
-        ordered = sorted(mapping, key=mapping.__getitem__)
-        statements.append(Statement("".join(out).strip(), [values[n - 1] for n in ordered]))
-    return statements
+        plan.append(("".join(out).strip(), tuple(sorted(mapping, key=mapping.__getitem__))))
+    return tuple(plan)
 
 
 def contains_arg_values(values: list[Any]) -> bool:
