@@ -105,5 +105,11 @@ def error_summary(exc: BaseException, *, sensitive: bool = False) -> str:
     return redact_dsn(message)
 
 
+def relation_exists(conn: psycopg.Connection[Any], *name: str) -> bool:
+    """Whether `schema.name` (quoted part by part) exists, without an error when it does not."""
+    row = conn.execute("SELECT to_regclass(%s) IS NOT NULL AS present", (quote_ident(*name),)).fetchone()
+    return bool(row and row["present"])
+
+
 def quote_ident(*parts: str) -> str:
     return sql.Identifier(*parts).as_string(None)

@@ -25,7 +25,7 @@ import psycopg
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
-from maintainer.db import advisory_key
+from maintainer.db import advisory_key, relation_exists
 
 LEDGER_VERSION = 1
 
@@ -113,11 +113,7 @@ class Ledger:
     # -- schema ---------------------------------------------------------------------------------
 
     def current_version(self) -> int:
-        row = self.conn.execute(
-            "SELECT to_regclass(%s) IS NOT NULL AS present",
-            (f"{sql.Identifier(self.schema).as_string(None)}.schema_version",),
-        ).fetchone()
-        if not row or not row["present"]:
+        if not relation_exists(self.conn, self.schema, "schema_version"):
             return 0
         version = self.conn.execute(
             sql.SQL("SELECT coalesce(max(version), 0) AS v FROM {}.schema_version").format(self._s)

@@ -49,9 +49,7 @@ def latest_runs(conn: psycopg.Connection[Any], schema: str) -> list[LatestRun]:
     failed before discovering anything leaves the previous findings in place.
     """
     s = sql.Identifier(schema)
-    present = conn.execute("SELECT to_regclass(%s) IS NOT NULL AS present", (f"{db.quote_ident(schema)}.finding",))
-    row = present.fetchone()
-    if not row or not row["present"]:
+    if not db.relation_exists(conn, schema, "finding"):
         return []
     rows = conn.execute(
         sql.SQL(

@@ -301,11 +301,8 @@ class _Run:
                 " JOIN pg_namespace n ON n.oid = e.extnamespace"
             ).fetchall()
         }
-        ledger = self.conn.execute(
-            "SELECT to_regclass(%s) IS NOT NULL AS present",
-            (db.quote_ident(self.spec.settings.state_schema) + ".finding",),
-        ).fetchone()
-        return {"extensions": extensions, "ledger_exists": bool(ledger and ledger["present"])}
+        ledger_exists = db.relation_exists(self.conn, self.spec.settings.state_schema, "finding")
+        return {"extensions": extensions, "ledger_exists": ledger_exists}
 
     def _resolve_tables(self) -> None:
         """Every `table` param must name an existing relation: fail clearly before doing anything."""
@@ -314,10 +311,7 @@ class _Run:
             value = self.spec.params.get(name)
             if spec.type != "table" or not isinstance(value, QualifiedName):
                 continue
-            row = self.conn.execute(
-                "SELECT to_regclass(%s) IS NOT NULL AS present", (db.quote_ident(value.schema, value.name),)
-            ).fetchone()
-            if not row or not row["present"]:
+            if not db.relation_exists(self.conn, value.schema, value.name):
                 raise RunFailed(f"{name}: table {value} does not exist on target {self.spec.target_name!r}")
 
     def _prepare(self, context: dict[str, Any]) -> dict[str, Any]:
