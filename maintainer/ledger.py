@@ -152,11 +152,15 @@ class Ledger:
         trigger: str,
         params: dict[str, Any],
         status: str = "running",
+        reason: str | None = None,
     ) -> int:
+        """Record a run as it starts (`running`), or a run that ends here (`skipped`, with `reason`)."""
         row = self.conn.execute(
             sql.SQL(
-                "INSERT INTO {}.run (job, unit, target, item, lock_key, trigger, triggered_by, host, status, params)"
-                " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING id"
+                "INSERT INTO {}.run (job, unit, target, item, lock_key, trigger, triggered_by, host, status, params,"
+                " error, finished_at)"
+                " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s,"
+                " CASE WHEN %s = 'running' THEN NULL ELSE now() END) RETURNING id"
             ).format(self._s),
             (
                 job,
@@ -169,6 +173,8 @@ class Ledger:
                 socket.gethostname(),
                 status,
                 to_jsonb(params),
+                reason,
+                status,
             ),
         ).fetchone()
         assert row is not None

@@ -9,6 +9,7 @@ and writes nothing, not even the ledger.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import functools
@@ -597,8 +598,8 @@ class _Run:
     def _record_skip(self) -> None:
         if self.ledger is None:
             return
-        try:
-            run_id = self.ledger.start_run(
+        with contextlib.suppress(psycopg.Error):
+            self.ledger.start_run(
                 job=self.spec.job.name,
                 unit=self.unit.name,
                 target=self.spec.target_name,
@@ -607,13 +608,8 @@ class _Run:
                 trigger=self.opts.trigger,
                 params={},
                 status="skipped",
+                reason=self.result.reason,
             )
-            self.ledger.conn.execute(
-                f"UPDATE {db.quote_ident(self.ledger.schema)}.run SET finished_at = now(), error = %s WHERE id = %s",
-                (self.result.reason, run_id),
-            )
-        except psycopg.Error:
-            pass
         self.ledger = None
 
 
