@@ -17,12 +17,13 @@ from typing import Any
 import psycopg
 import yaml
 from rich.console import Console
+from rich.markup import escape
 from rich.rule import Rule
 
 from maintainer import output, report
 from maintainer.config import ConfigError
 from maintainer.pgserver import LocalCluster, embedded_kind
-from maintainer.project import load_project, parse_args
+from maintainer.project import item_label, load_project, parse_args
 from maintainer.results import RunResult
 from maintainer.runner import RunOptions, run_all
 
@@ -115,7 +116,8 @@ def print_summary(console: Console, results: list[RunResult]) -> None:
     )
     for result in results:
         if result.status == "failed":
-            console.print(f"[red]failed:[/red] {result.job} [{output._item_text(result.item)}]: {result.error}")
+            label = f" \\[{escape(item_label(result.item) or '')}]" if result.item else ""
+            console.print(f"[red]failed:[/red] {result.job}{label}: {escape(result.error or '')}", highlight=False)
 
 
 def run_demo(console: Console, *, workdir: str = ".demo", keep: bool = False) -> int:

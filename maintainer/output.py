@@ -17,7 +17,8 @@ from rich.table import Table
 from maintainer import db
 from maintainer.config import cron_trigger
 from maintainer.ledger import Ledger
-from maintainer.results import RunResult, json_safe
+from maintainer.project import item_label
+from maintainer.results import LEVEL_RANK, LEVEL_STYLE, RunResult, json_safe
 
 if TYPE_CHECKING:
     from maintainer.checks import Check
@@ -25,7 +26,6 @@ if TYPE_CHECKING:
     from maintainer.runner import Progress as RunProgress
 
 STATUS_STYLE = {"ok": "green", "planned": "cyan", "skipped": "yellow", "failed": "red", "interrupted": "red"}
-LEVEL_STYLE = {"ok": "green", "warn": "yellow", "critical": "red", "unknown": "magenta", "error": "red"}
 
 
 def _fmt(value: Any) -> str:
@@ -38,7 +38,8 @@ def _fmt(value: Any) -> str:
 
 def print_run(console: Console, result: RunResult, *, show_sql: bool) -> None:
     style = STATUS_STYLE.get(result.status, "white")
-    item = f" \\[{escape(_item_text(result.item))}]" if result.item else ""
+    label = item_label(result.item)
+    item = f" \\[{escape(label)}]" if label else ""
     console.print(
         f"[bold]{result.job}[/bold] on [bold]{result.target}[/bold]{item}: "
         f"[{style}]{result.status}[/{style}] in {result.seconds:.2f}s",
@@ -86,14 +87,6 @@ def print_run(console: Console, result: RunResult, *, show_sql: bool) -> None:
         console.print("  nothing to do", style="dim")
 
 
-def _item_text(item: dict[str, Any] | None) -> str:
-    if not item:
-        return ""
-    if "table" in item:
-        return str(item["table"])
-    return ", ".join(f"{k}={v}" for k, v in item.items())
-
-
 # Human output stays one screen per run; --json and the ledger always carry everything.
 MAX_FINDING_ROWS = 20
 MAX_ACTION_ROWS = 15
@@ -107,7 +100,6 @@ def _worth_showing(findings: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 _HIDDEN_FIELDS = {"action"}
-_SEVERITY: dict[Any, int] = {"critical": 0, "error": 0, "warn": 1, "unknown": 2, "ok": 3}
 
 
 def _cell(key: str, value: Any) -> str:
@@ -124,7 +116,7 @@ def findings_table(findings: list[dict[str, Any]], display: list[str] | None = N
                 if key not in columns and key not in _HIDDEN_FIELDS and key != "hint":
                     columns.append(key)
     table = Table(*columns, box=None, pad_edge=False, show_edge=False)
-    for finding in sorted(findings, key=lambda f: (_SEVERITY.get(f.get("level"), 9), not f.get("action"))):
+    for finding in sorted(findings, key=lambda f: (-LEVEL_RANK.get(str(f.get("level")), -1), not f.get("action"))):
         cells = []
         for key in columns:
             text = escape(_cell(key, finding.get(key)))

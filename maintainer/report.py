@@ -22,13 +22,8 @@ from rich.table import Table
 from maintainer import db
 from maintainer.alerts import finding_message
 from maintainer.project import Project, item_label
-from maintainer.results import RunResult, json_safe
+from maintainer.results import LEVEL_RANK, LEVEL_STYLE, RunResult, json_safe
 from maintainer.units import Unit
-
-# Report order: what needs a human first. `unknown` (could not be measured) outranks `ok`.
-RANK = {"critical": 3, "error": 3, "warn": 2, "warning": 2, "unknown": 1}
-LEVEL_STYLE = {"critical": "red", "error": "red", "warn": "yellow", "warning": "yellow", "unknown": "magenta",
-               "ok": "green"}
 
 
 @dataclass
@@ -130,13 +125,13 @@ def assemble(project: Project, runs: list[LatestRun], targets: dict[str, str]) -
             section["findings"].append(_entry(unit, run, finding))
     for section in sections.values():
         # Stable: among equals, the unit's own order (its discover ORDER BY) and then target order.
-        section["findings"].sort(key=lambda e: -RANK.get(str(e["level"]), 0))
+        section["findings"].sort(key=lambda e: -LEVEL_RANK.get(str(e["level"]), 0))
         counts: dict[str, int] = {}
         for entry in section["findings"]:
             counts[str(entry["level"] or "none")] = counts.get(str(entry["level"] or "none"), 0) + 1
         section["counts"] = counts
         section["worst"] = section["findings"][0]["level"] if section["findings"] else None
-    ordered = sorted(sections.values(), key=lambda s: (-RANK.get(str(s["worst"]), 0), s["unit"]))
+    ordered = sorted(sections.values(), key=lambda s: (-LEVEL_RANK.get(str(s["worst"]), 0), s["unit"]))
     return {
         "generated_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "targets": targets,
@@ -175,7 +170,7 @@ def print_report(console: Console, report: Mapping[str, Any], *, limit: int = 10
         return
     for section in report["sections"]:
         counts = ", ".join(f"{n} {level}" for level, n in sorted(section["counts"].items(),
-                                                                  key=lambda kv: -RANK.get(kv[0], 0)))
+                                                                  key=lambda kv: -LEVEL_RANK.get(kv[0], 0)))
         console.print()
         console.print(f"[bold]{section['unit']}[/bold]  {counts}", highlight=False)
         value_names: list[str] = []
@@ -191,7 +186,7 @@ def print_report(console: Console, report: Mapping[str, Any], *, limit: int = 10
         console.print(table)
         hidden = section["findings"][limit:]
         if hidden:
-            attention = sum(1 for e in hidden if RANK.get(str(e["level"]), 0) >= 2)
+            attention = sum(1 for e in hidden if LEVEL_RANK.get(str(e["level"]), 0) >= 2)
             more = f"  … {len(hidden)} more" + (f" ({attention} warn or worse)" if attention else "")
             console.print(more + " — maintainer report --json for all", style="dim", highlight=False)
 

@@ -12,6 +12,13 @@ from typing import Any, Literal
 
 Status = Literal["ok", "failed", "skipped", "planned"]
 
+# How much a finding's level needs a human, for ordering (higher first) and colour in every view;
+# `unknown` (could not be measured) outranks `ok`.
+LEVEL_RANK: dict[str, int] = {"critical": 3, "error": 3, "warn": 2, "warning": 2, "unknown": 1, "ok": 0}
+LEVEL_STYLE: dict[str, str] = {
+    "critical": "red", "error": "red", "warn": "yellow", "warning": "yellow", "unknown": "magenta", "ok": "green",
+}
+
 
 def json_safe(value: Any) -> Any:
     """Database values as JSON values: Decimal → number, timestamps → ISO-8601, etc."""
