@@ -31,6 +31,28 @@ SELECT id FROM {{ params.table | ident }} WHERE NOT done
 """
 
 
+BATCHED_UNIT = """---
+description: keyset batches, each carrying the last key to the next in `prev`
+repeat: until_zero_rows
+params:
+  batch: {type: integer, default: 1000}
+---
+{% block discover %}
+SELECT count(*) AS estimate FROM items WHERE NOT done
+{% endblock %}
+{% block apply %}
+WITH batch AS (
+  SELECT id FROM items
+  WHERE NOT done AND id > {{ (prev.last_id if prev else 0) | bind }}
+  ORDER BY id LIMIT {{ params.batch | bind }}
+), done AS (
+  UPDATE items SET done = true FROM batch WHERE items.id = batch.id RETURNING items.id
+)
+SELECT count(*)::int AS rows, max(id) AS last_id FROM done;
+{% endblock %}
+"""
+
+
 def make_items(db: Database, rows: int = 3) -> None:
     db.run_script(
         "CREATE TABLE items (id int PRIMARY KEY, note text, done bool NOT NULL DEFAULT false);"
@@ -245,26 +267,7 @@ SELECT pg_sleep(3);
 
 def test_repeat_until_zero_rows_paginates_with_prev(workspace: Workspace, db: Database) -> None:
     make_items(db, rows=2500)
-    workspace.unit(
-        "batched",
-        """---
-description: keyset batches
-repeat: until_zero_rows
-params:
-  batch: {type: integer, default: 1000}
----
-{% block apply %}
-WITH batch AS (
-  SELECT id FROM items
-  WHERE id > {{ (prev.last_id if prev else 0) | bind }}
-  ORDER BY id LIMIT {{ params.batch | bind }}
-), done AS (
-  UPDATE items SET done = true FROM batch WHERE items.id = batch.id RETURNING items.id
-)
-SELECT count(*)::int AS rows, max(id) AS last_id FROM done;
-{% endblock %}
-""",
-    )
+    workspace.unit("batched", BATCHED_UNIT)
     workspace.job("batched", unit="batched")
     run = json.loads(workspace.cli("trigger", "batched", "--json").output)["runs"][0]
     assert run["status"] == "ok"
@@ -418,27 +421,8 @@ def test_progress_is_reported_per_batch(workspace: Workspace, db: Database) -> N
     from maintainer.runner import Progress, RunOptions, run
 
     make_items(db, rows=50)
-    workspace.unit(
-        "batched",
-        """---
-description: keyset batches
-repeat: until_zero_rows
----
-{% block discover %}
-SELECT count(*) AS estimate FROM items WHERE NOT done
-{% endblock %}
-{% block apply %}
-WITH done AS (
-  UPDATE items SET done = true
-  WHERE id IN (SELECT id FROM items
-               WHERE NOT done AND id > {{ (prev.last_id if prev else 0) | bind }} ORDER BY id LIMIT 20)
-  RETURNING id
-)
-SELECT count(*)::int AS rows, max(id) AS last_id FROM done;
-{% endblock %}
-""",
-    )
-    workspace.job("batched", unit="batched")
+    workspace.unit("batched", BATCHED_UNIT)
+    workspace.job("batched", unit="batched", params={"batch": 20})
     project = load_project(str(workspace.config))
     seen: list[Progress] = []
     result = run(project.run_specs(project.job("batched"))[0], RunOptions(progress=seen.append))
