@@ -17,15 +17,17 @@ import json
 import os
 import socket
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
 from datetime import datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psycopg
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
 from maintainer.db import advisory_key, relation_exists
+
+if TYPE_CHECKING:
+    from maintainer.config import Settings
 
 LEDGER_VERSION = 1
 
@@ -295,12 +297,21 @@ class Ledger:
         return [dict(r) for r in rows]
 
 
-@contextmanager
-def open_ledger(conninfo: str, schema: str) -> Iterator[Ledger]:
-    from maintainer.db import connect
+def each_ledger(settings: Settings, *, connect_timeout: int = 5) -> Iterator[tuple[str, Ledger | None, str | None]]:
+    """(target, its ledger, None) for every reachable target, (target, None, why) for the others.
 
-    conn = connect(conninfo, application_name="pg-maintainer ledger")
-    try:
-        yield Ledger(conn, schema)
-    finally:
-        conn.close()
+    The read-only views (`jobs`, `history`, `report`) go through this, so an unreachable target
+    is one line of their output, never a failure of the whole command.
+    """
+    from maintainer.db import TargetUnavailable, connect
+
+    for name, target in sorted(settings.targets.items()):
+        try:
+            conn = connect(target.conninfo(), application_name="pg-maintainer ledger", connect_timeout=connect_timeout)
+        except (TargetUnavailable, OSError, ValueError) as exc:
+            yield name, None, f"unreachable: {exc}"
+            continue
+        try:
+            yield name, Ledger(conn, settings.state_schema), None
+        finally:
+            conn.close()

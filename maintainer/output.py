@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -14,9 +15,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.syntax import Syntax
 from rich.table import Table
 
-from maintainer import db
 from maintainer.config import cron_trigger
-from maintainer.ledger import Ledger
+from maintainer.ledger import each_ledger
 from maintainer.project import item_label
 from maintainer.results import LEVEL_RANK, LEVEL_STYLE, RunResult, json_safe
 
@@ -168,19 +168,11 @@ def progress_reporter(console: Console, *, enabled: bool) -> Iterator[Callable[[
 
 def job_rows(project: Project) -> list[dict[str, Any]]:
     last: dict[tuple[str, str], dict[str, Any]] = {}
-    for name, target in project.settings.targets.items():
-        try:
-            conn = db.connect(target.conninfo(), connect_timeout=3)
-        except (db.TargetUnavailable, OSError):
-            continue
-        try:
-            for (job_name, target_name), row in Ledger(conn, project.settings.state_schema).last_runs().items():
-                if target_name == name:
-                    last[(job_name, target_name)] = row
-        except psycopg.Error:
-            pass
-        finally:
-            conn.close()
+    for name, ledger, _problem in each_ledger(project.settings, connect_timeout=3):
+        if ledger is None:
+            continue  # the listing still shows the job; its last result is unknown
+        with contextlib.suppress(psycopg.Error):
+            last.update({key: row for key, row in ledger.last_runs().items() if key[1] == name})
     rows = []
     now = dt.datetime.now(dt.UTC)
     for job in sorted(project.jobs.values(), key=lambda j: j.name):
@@ -224,17 +216,11 @@ def print_jobs(console: Console, rows: list[dict[str, Any]]) -> None:
 
 def collect_history(project: Project, job: str | None, limit: int) -> list[dict[str, Any]]:
     runs: list[dict[str, Any]] = []
-    for name, target in sorted(project.settings.targets.items()):
-        try:
-            conn = db.connect(target.conninfo(), connect_timeout=5)
-        except (db.TargetUnavailable, OSError) as exc:
-            runs.append({"target": name, "status": "unreachable", "error": str(exc)})
+    for name, ledger, problem in each_ledger(project.settings):
+        if ledger is None:
+            runs.append({"target": name, "status": "unreachable", "error": problem})
             continue
-        try:
-            for row in Ledger(conn, project.settings.state_schema).history(job, limit):
-                runs.append(json_safe(row))
-        finally:
-            conn.close()
+        runs.extend(json_safe(row) for row in ledger.history(job, limit))
     runs.sort(key=lambda r: r.get("started_at") or "", reverse=True)
     return runs
 

@@ -21,6 +21,7 @@ from rich.table import Table
 
 from maintainer import db
 from maintainer.alerts import finding_message
+from maintainer.ledger import each_ledger
 from maintainer.project import Project, item_label
 from maintainer.results import LEVEL_RANK, LEVEL_STYLE, RunResult, json_safe
 from maintainer.units import Unit
@@ -68,8 +69,15 @@ def latest_runs(conn: psycopg.Connection[Any], schema: str) -> list[LatestRun]:
         ).format(s=s)
     ).fetchall()
     return [
-        LatestRun(r["job"], r["unit"], r["target"], r["item"], r["status"], r["finished_at"],
-                  [f for f in r["findings"] if not f.get("verify_failed")])
+        LatestRun(
+            r["job"],
+            r["unit"],
+            r["target"],
+            r["item"],
+            r["status"],
+            r["finished_at"],
+            [f for f in r["findings"] if not f.get("verify_failed")],
+        )
         for r in rows
     ]
 
@@ -79,20 +87,16 @@ def collect(project: Project) -> tuple[list[LatestRun], dict[str, str]]:
     wanted = {(job.name, target) for job in project.jobs.values() for target in project.targets_of(job)}
     runs: list[LatestRun] = []
     status: dict[str, str] = {}
-    for name, target in sorted(project.settings.targets.items()):
-        try:
-            conn = db.connect(target.conninfo(), connect_timeout=5)
-        except (db.TargetUnavailable, OSError, ValueError) as exc:
-            status[name] = f"unreachable: {exc}"
+    for name, ledger, problem in each_ledger(project.settings):
+        if ledger is None:
+            status[name] = problem or "unreachable"
             continue
         try:
-            found = latest_runs(conn, project.settings.state_schema)
+            found = latest_runs(ledger.conn, project.settings.state_schema)
             runs.extend(r for r in found if r.target == name and (r.job, r.target) in wanted)
             status[name] = "ok"
         except psycopg.Error as exc:
             status[name] = f"error: {db.error_summary(exc)}"
-        finally:
-            conn.close()
     return runs, status
 
 
@@ -105,8 +109,9 @@ def build(project: Project) -> dict[str, Any]:
 def from_results(results: list[RunResult]) -> list[LatestRun]:
     """Runs that have not been recorded (e.g. a dry run of every job) in the report's shape."""
     return [
-        LatestRun(r.job, r.unit, r.target, item_label(r.item), r.status, r.finished_at or r.started_at,
-                  list(r.findings))
+        LatestRun(
+            r.job, r.unit, r.target, item_label(r.item), r.status, r.finished_at or r.started_at, list(r.findings)
+        )
         for r in results
     ]
 
@@ -118,9 +123,15 @@ def assemble(project: Project, runs: list[LatestRun], targets: dict[str, str]) -
         unit = project.units.get(run.unit)
         if unit is None:
             continue
-        section = sections.setdefault(unit.name, {
-            "unit": unit.name, "description": unit.meta.description, "counts": {}, "findings": [],
-        })
+        section = sections.setdefault(
+            unit.name,
+            {
+                "unit": unit.name,
+                "description": unit.meta.description,
+                "counts": {},
+                "findings": [],
+            },
+        )
         for finding in run.findings:
             section["findings"].append(_entry(unit, run, finding))
     for section in sections.values():
@@ -143,16 +154,25 @@ def _entry(unit: Unit, run: LatestRun, finding: Mapping[str, Any]) -> dict[str, 
     alerts = unit.meta.alerts or {}
     level_field = alerts.get("level")
     level = finding.get(level_field) if isinstance(level_field, str) else None
-    values = {str(m.get("value")): finding.get(str(m.get("value"))) for m in unit.meta.metrics.values()
-              if m.get("value") in finding}
+    values = {
+        str(m.get("value")): finding.get(str(m.get("value")))
+        for m in unit.meta.metrics.values()
+        if m.get("value") in finding
+    }
     if alerts:
         message = finding_message(unit, finding)
     else:
         message = ", ".join(f"{k}={v}" for k, v in list(finding.items())[:3] if k != "action")
     return {
-        "target": run.target, "job": run.job, "item": run.item, "level": level, "message": message,
-        "values": json_safe(values), "as_of": run.finished_at.isoformat(timespec="seconds"),
-        "run_status": run.status, "finding": json_safe(dict(finding)),
+        "target": run.target,
+        "job": run.job,
+        "item": run.item,
+        "level": level,
+        "message": message,
+        "values": json_safe(values),
+        "as_of": run.finished_at.isoformat(timespec="seconds"),
+        "run_status": run.status,
+        "finding": json_safe(dict(finding)),
     }
 
 
@@ -160,17 +180,21 @@ def print_report(console: Console, report: Mapping[str, Any], *, limit: int = 10
     """One screen: each unit's worst findings first, the rest summarised."""
     unreachable = {name: state for name, state in report["targets"].items() if state != "ok"}
     reachable = len(report["targets"]) - len(unreachable)
-    console.print(f"[bold]pg-maintainer report[/bold]  {reachable} target(s) read, generated {report['generated_at']}",
-                  highlight=False)
+    console.print(
+        f"[bold]pg-maintainer report[/bold]  {reachable} target(s) read, generated {report['generated_at']}",
+        highlight=False,
+    )
     for name, state in unreachable.items():
         console.print(f"  [red]target {name}: {state}[/red]", highlight=False)
     if not report["sections"]:
-        console.print("no findings recorded yet: run the jobs (maintainer trigger JOB) or start the daemon",
-                      style="dim")
+        console.print(
+            "no findings recorded yet: run the jobs (maintainer trigger JOB) or start the daemon", style="dim"
+        )
         return
     for section in report["sections"]:
-        counts = ", ".join(f"{n} {level}" for level, n in sorted(section["counts"].items(),
-                                                                  key=lambda kv: -LEVEL_RANK.get(kv[0], 0)))
+        counts = ", ".join(
+            f"{n} {level}" for level, n in sorted(section["counts"].items(), key=lambda kv: -LEVEL_RANK.get(kv[0], 0))
+        )
         console.print()
         console.print(f"[bold]{section['unit']}[/bold]  {counts}", highlight=False)
         value_names: list[str] = []
@@ -181,8 +205,12 @@ def print_report(console: Console, report: Mapping[str, Any], *, limit: int = 10
         for entry in shown:
             level = str(entry["level"] or "")
             style = LEVEL_STYLE.get(level, "white")
-            table.add_row(f"[{style}]{level}[/{style}]", entry["target"],
-                          *(_fmt(name, entry["values"].get(name)) for name in value_names), entry["message"])
+            table.add_row(
+                f"[{style}]{level}[/{style}]",
+                entry["target"],
+                *(_fmt(name, entry["values"].get(name)) for name in value_names),
+                entry["message"],
+            )
         console.print(table)
         hidden = section["findings"][limit:]
         if hidden:
