@@ -138,12 +138,7 @@ def _unit_checks(project: Project, target: str, conn: psycopg.Connection[Any]) -
             "check", {"target": target, "params": {}, "args": {}, "state_schema": project.settings.state_schema}
         )
         for statement in split_statements(text, values):
-            with conn.transaction():
-                conn.execute("SET TRANSACTION READ ONLY")
-                with psycopg.RawCursor(conn) as cur:
-                    cur.execute(statement.sql, statement.params or None)
-                    rows = cur.fetchall() if cur.description else []
-            for row in rows:
+            for row in db.query(conn, statement.sql, statement.params, read_only=True):
                 level, message = str(row["level"]), str(row["message"])
                 checks.append(
                     Check(

@@ -105,6 +105,16 @@ def error_summary(exc: BaseException, *, sensitive: bool = False) -> str:
     return redact_dsn(message)
 
 
+def query(conn: psycopg.Connection[Any], text: str, params: list[Any], *, read_only: bool) -> list[dict[str, Any]]:
+    """One statement with `$n` parameters in its own transaction (READ ONLY when asked); its rows."""
+    with conn.transaction():
+        if read_only:
+            conn.execute("SET TRANSACTION READ ONLY")
+        with psycopg.RawCursor(conn, row_factory=dict_row) as cur:
+            cur.execute(text, params or None)
+            return list(cur.fetchall()) if cur.description else []
+
+
 def relation_exists(conn: psycopg.Connection[Any], *name: str) -> bool:
     """Whether `schema.name` (quoted part by part) exists, without an error when it does not."""
     row = conn.execute("SELECT to_regclass(%s) IS NOT NULL AS present", (quote_ident(*name),)).fetchone()

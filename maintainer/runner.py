@@ -445,12 +445,7 @@ class _Run:
 
     def _query(self, statement: Statement, *, read_only: bool) -> list[dict[str, Any]]:
         assert self.conn is not None
-        with self.conn.transaction():
-            if read_only:
-                self.conn.execute("SET TRANSACTION READ ONLY")
-            with psycopg.RawCursor(self.conn, row_factory=dict_row) as cur:
-                cur.execute(statement.sql, statement.params or None)
-                return list(cur.fetchall()) if cur.description else []
+        return db.query(self.conn, statement.sql, statement.params, read_only=read_only)
 
     def _execute_statements(self, statements: list[Statement]) -> tuple[int, dict[str, Any] | None]:
         """Run one step's statements (or only record them in a dry run): (rows affected, last row returned)."""
