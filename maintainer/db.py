@@ -76,6 +76,20 @@ def try_advisory_lock(conn: psycopg.Connection[Any], key: int) -> bool:
     return bool(row and row["locked"])
 
 
+def try_advisory_locks(conn: psycopg.Connection[Any], keys: list[int]) -> list[bool]:
+    """`try_advisory_lock` for many keys in one round trip, in order (a repeated key locks twice)."""
+    rows = conn.execute(
+        "SELECT pg_try_advisory_lock(k) AS locked FROM unnest(%s::bigint[]) WITH ORDINALITY AS u(k, n) ORDER BY n",
+        (keys,),
+    ).fetchall()
+    return [bool(row["locked"]) for row in rows]
+
+
+def advisory_unlocks(conn: psycopg.Connection[Any], keys: list[int]) -> None:
+    if keys and not conn.closed:
+        conn.execute("SELECT pg_advisory_unlock(k) FROM unnest(%s::bigint[]) AS u(k)", (keys,))
+
+
 def advisory_unlock(conn: psycopg.Connection[Any], key: int) -> None:
     if not conn.closed:
         conn.execute("SELECT pg_advisory_unlock(%s)", (key,))

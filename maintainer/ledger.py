@@ -17,6 +17,7 @@ import json
 import os
 import socket
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -24,7 +25,7 @@ import psycopg
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
-from maintainer.db import advisory_key, relation_exists
+from maintainer.db import advisory_key, quote_ident, relation_exists
 
 if TYPE_CHECKING:
     from maintainer.config import Settings
@@ -79,6 +80,23 @@ _MIGRATIONS: dict[int, str] = {
     );
     """,
 }
+
+
+@dataclass
+class IdleRun:
+    """One record of `Ledger.record_idle_runs`."""
+
+    job: str
+    unit: str
+    target: str
+    item: str | None
+    lock_key: int
+    trigger: str
+    params: dict[str, Any]
+    status: str  # ok | skipped
+    reason: str | None
+    finding: dict[str, Any] | None
+    level_field: str | None
 
 
 def _json_default(value: Any) -> Any:
@@ -193,6 +211,53 @@ class Ledger:
             (lock_key, current_run),
         )
         return cur.rowcount
+
+    def record_idle_runs(self, runs: Sequence[IdleRun]) -> list[int]:
+        """Finished runs that found nothing to do (vouched for by a unit's `survey`), or were skipped,
+        with their one finding, in one statement; an `ok` run also marks earlier `running` records of
+        its lock as interrupted, as `mark_interrupted` does. Returns the run ids in order."""
+        if not runs:
+            return []
+        columns = (
+            [r.job for r in runs],
+            [r.unit for r in runs],
+            [r.target for r in runs],
+            [r.item for r in runs],
+            [r.lock_key for r in runs],
+            [r.trigger for r in runs],
+            [who_triggered(r.trigger) for r in runs],
+            [r.status for r in runs],
+            [to_jsonb(r.params) for r in runs],
+            [r.reason for r in runs],
+            [r.finding.get(r.level_field) if r.finding and r.level_field else None for r in runs],
+            [to_jsonb(r.finding) if r.finding is not None else None for r in runs],
+        )
+        rows = self.conn.execute(
+            sql.SQL(
+                "WITH input AS MATERIALIZED ("
+                " SELECT u.*, nextval(pg_get_serial_sequence({run_table}, 'id')) AS id"
+                " FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::bigint[], %s::text[], %s::text[],"
+                " %s::text[], %s::jsonb[], %s::text[], %s::text[], %s::jsonb[]) WITH ORDINALITY"
+                " AS u(job, unit, target, item, lock_key, trigger, triggered_by, status, params, reason, level,"
+                " finding, n)),"
+                " leftover AS ("
+                " UPDATE {s}.run r SET status = 'interrupted', finished_at = now(),"
+                " error = 'interrupted: the process ended before the run finished'"
+                " FROM (SELECT DISTINCT lock_key FROM input WHERE status = 'ok') i"
+                " WHERE r.lock_key = i.lock_key AND r.status = 'running'),"
+                " new_run AS ("
+                " INSERT INTO {s}.run (id, job, unit, target, item, lock_key, trigger, triggered_by, host, status,"
+                " params, error, finished_at, attempts) OVERRIDING SYSTEM VALUE"
+                " SELECT id, job, unit, target, item, lock_key, trigger, triggered_by, %s, status, params, reason,"
+                " now(), 1 FROM input),"
+                " new_finding AS ("
+                " INSERT INTO {s}.finding (run_id, seq, level, data)"
+                " SELECT id, 1, level, finding FROM input WHERE finding IS NOT NULL)"
+                " SELECT id FROM input ORDER BY n"
+            ).format(s=self._s, run_table=sql.Literal(quote_ident(self.schema, "run"))),
+            (*columns, socket.gethostname()),
+        ).fetchall()
+        return [int(row["id"]) for row in rows]
 
     def finish_run(
         self,

@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import datetime as dt
 import functools
+import logging
 import random
 import threading
 import time
@@ -24,12 +25,14 @@ import psycopg
 from psycopg.rows import dict_row
 
 from maintainer import db
-from maintainer.ledger import Ledger
+from maintainer.ledger import IdleRun, Ledger
 from maintainer.project import RunSpec
 from maintainer.render import ArgValue, RenderError
-from maintainer.results import Action, RunResult, json_safe
+from maintainer.results import Action, RunResult, Status, json_safe
 from maintainer.units import Statement, UnitError, split_statements
 from maintainer.values import QualifiedName
+
+log = logging.getLogger("maintainer")
 
 
 @dataclass
@@ -60,6 +63,19 @@ class RunOptions:
     on_connect: Callable[[psycopg.Connection[Any]], None] | None = None
     # Connections shared with the other items of the same (job, target); None = a fresh pair.
     session: Session | None = None
+    # Settled by `run_all` for an item the unit's `survey` vouched for (nothing to do); None = a full run.
+    surveyed: Surveyed | None = None
+
+
+@dataclass
+class Surveyed:
+    """An item the survey vouched for, already locked, checked and recorded by `run_all` in one batch
+    with the rest of its job: its run only reports this."""
+
+    finding: dict[str, Any]
+    status: Status = "planned"  # ok | skipped | planned (dry run)
+    reason: str | None = None
+    run_id: int | None = None
 
 
 class Session:
@@ -94,22 +110,183 @@ class Session:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def ledger(self, spec: RunSpec) -> Ledger:
+        """The ledger of `spec`'s target on the session's second connection (schema checked once)."""
+        if not Session.usable(self.ledger_conn):
+            self.ledger_conn = db.connect(spec.target.conninfo(), application_name="pg-maintainer ledger")
+            self.ledger_ready = False
+        assert self.ledger_conn is not None
+        ledger = Ledger(self.ledger_conn, spec.settings.state_schema)
+        if not self.ledger_ready:
+            ledger.ensure()
+            self.ledger_ready = True
+        return ledger
 
-def run_all(specs: list[RunSpec], options: Callable[[RunSpec], RunOptions] | RunOptions) -> list[RunResult]:
-    """Run several specs in order, sharing one session per target (see `Session`)."""
+    def purge_once(self, ledger: Ledger, spec: RunSpec) -> None:
+        """Old history goes once per session, not once per item."""
+        if not self.purged:
+            ledger.purge(spec.settings.defaults.history_retention)
+            self.purged = True
+
+    def work_connection(
+        self,
+        spec: RunSpec,
+        *,
+        fresh: bool = False,
+        on_connect: Callable[[psycopg.Connection[Any]], None] | None = None,
+    ) -> psycopg.Connection[Any]:
+        """The session's work connection for `spec`'s target, reset to a clean state."""
+        try:
+            conninfo = spec.target.conninfo()
+        except OSError as exc:
+            raise RunFailed(f"cannot read dsn_file of target {spec.target_name!r}: {exc.strerror}") from None
+        if self.conninfo != conninfo:
+            self.close()  # the DSN changed (a rotated dsn_file): nothing of the old session is reused
+            self.conninfo = conninfo
+        if fresh or not Session.usable(self.conn):
+            if self.conn is not None and not self.conn.closed:
+                self.conn.close()
+            self.conn = db.connect(conninfo, application_name=f"pg-maintainer {spec.job.name}"[:63])
+        else:
+            assert self.conn is not None
+            self.conn.execute("RESET ALL")  # whatever the previous run's unit SET for itself
+        if on_connect is not None:
+            on_connect(self.conn)
+        return self.conn
+
+
+def run_all(
+    specs: list[RunSpec],
+    options: Callable[[RunSpec], RunOptions] | RunOptions,
+    *,
+    runner: Callable[[RunSpec, RunOptions], RunResult] | None = None,
+) -> list[RunResult]:
+    """Run several specs in order, sharing one session per target (see `Session`).
+
+    Before the first item of a (job, target) whose unit has a `survey` block, the survey looks at
+    all of that group's items in one query; the items it vouches for record its finding instead of
+    running their own discovery (`runner` defaults to `run`; the daemon wraps it to track runs).
+    """
     sessions: dict[str, Session] = {}
+    all_options = [options(spec) if callable(options) else dataclasses.replace(options) for spec in specs]
+    for spec, opts in zip(specs, all_options, strict=True):
+        opts.session = sessions.setdefault(spec.target_name, Session())
+    surveyed_groups: set[tuple[str, str]] = set()
     results = []
     try:
-        for spec in specs:
-            opts = options(spec) if callable(options) else dataclasses.replace(options)
+        for spec, opts in zip(specs, all_options, strict=True):
             if opts.cancel is not None and opts.cancel.is_set():
                 break
-            opts.session = sessions.setdefault(spec.target_name, Session())
-            results.append(run(spec, opts))
+            group = (spec.job.name, spec.target_name)
+            if spec.unit.has_block("survey") and group not in surveyed_groups:
+                surveyed_groups.add(group)
+                members = [
+                    (s, o) for s, o in zip(specs, all_options, strict=True) if (s.job.name, s.target_name) == group
+                ]
+                found = survey_items([s for s, _ in members], opts)
+                for index, settled in _settle(members, found).items():
+                    members[index][1].surveyed = settled
+            results.append((runner or run)(spec, opts))
     finally:
         for session in sessions.values():
             session.close()
     return results
+
+
+def _settle(members: list[tuple[RunSpec, RunOptions]], found: dict[int, dict[str, Any]]) -> dict[int, Surveyed]:
+    """Lock, check (`on_locked`) and record the vouched-for items of a group in one batch: one
+    statement takes their advisory locks, one writes their ledger records, one releases the locks,
+    instead of a full run each. Anything going wrong here leaves them to run in full."""
+    if not found:
+        return {}
+    first, options = members[0]
+    if options.dry_run:
+        return {index: Surveyed(finding) for index, finding in found.items()}
+    session = options.session
+    assert session is not None and session.conn is not None
+    indexes = sorted(found)
+    keys = [db.advisory_key(members[i][0].job.name, members[i][0].target_name, members[i][0].item_label or "")
+            for i in indexes]
+    conn = session.conn
+    settled: dict[int, Surveyed] = {}
+    try:
+        ledger = session.ledger(first)
+        got = db.try_advisory_locks(conn, keys)
+        try:
+            records = []
+            for index, key, locked in zip(indexes, keys, got, strict=True):
+                spec, opts = members[index]
+                reason = None
+                if not locked:
+                    reason = "another runner holds the lock for this job, target and item"
+                elif opts.on_locked is not None:
+                    reason = opts.on_locked(ledger)
+                settled[index] = Surveyed(found[index], "skipped" if reason else "ok", reason)
+                records.append(IdleRun(
+                    job=spec.job.name, unit=spec.unit.name, target=spec.target_name, item=spec.item_label,
+                    lock_key=key, trigger=opts.trigger, params=json_safe(_loggable(spec.params)),
+                    status=settled[index].status, reason=reason, finding=found[index] if not reason else None,
+                    level_field=(spec.unit.meta.alerts or {}).get("level"),
+                ))
+            for index, run_id in zip(indexes, ledger.record_idle_runs(records), strict=True):
+                settled[index].run_id = run_id
+            session.purge_once(ledger, first)
+        finally:
+            db.advisory_unlocks(conn, [key for key, locked in zip(keys, got, strict=True) if locked])
+    except (psycopg.Error, db.TargetUnavailable) as exc:
+        log.warning(f"{first.job.name} on {first.target_name}: recording the surveyed items failed, they run in full:"
+                    f" {db.error_summary(exc) if isinstance(exc, psycopg.Error) else exc}",
+                    extra={"job": first.job.name, "target": first.target_name})
+        return {}
+    return settled
+
+
+def survey_items(specs: list[RunSpec], options: RunOptions) -> dict[int, dict[str, Any]]:
+    """Run the unit's `survey` block once over the items of one (job, target).
+
+    The block gets `items` (`index`, `params`, `item`) and returns one row per item it can prove has
+    nothing to do, carrying `item` (the index) and that item's finding. A survey is only ever a
+    shortcut: when it fails, or on a replica, every item runs in full and meets the problem there.
+    """
+    unit, first = specs[0].unit, specs[0]
+    assert options.session is not None
+    try:
+        conn = options.session.work_connection(first, on_connect=options.on_connect)
+        if db.is_in_recovery(conn):
+            return {}
+        defaults = first.settings.defaults
+        db.set_timeouts(
+            conn,
+            lock_timeout=first.job.timeouts.lock or defaults.lock_timeout,
+            statement_timeout=first.job.timeouts.statement or defaults.statement_timeout,
+        )
+        context = {
+            "items": [{"index": i, "params": s.params, "item": s.item_label} for i, s in enumerate(specs)],
+            "target": first.target_name,
+            "job": first.job.name,
+            "state_schema": first.settings.state_schema,
+            "now": dt.datetime.now(dt.UTC),
+            "args": options.args,
+            "dry_run": options.dry_run,
+        }
+        text, values = unit.render_block("survey", context)
+        statements = split_statements(text, values, where=f"{unit.path.name} (survey): ")
+        if len(statements) != 1:
+            raise UnitError(f"{unit.path.name}: survey must be exactly one SELECT")
+        rows = db.query(conn, statements[0].sql, statements[0].params, read_only=True)
+    except (RunFailed, RenderError, UnitError, db.TargetUnavailable, psycopg.Error) as exc:
+        problem = db.error_summary(exc, sensitive=unit.meta.sensitive) if isinstance(exc, psycopg.Error) else exc
+        log.warning(
+            f"{first.job.name} on {first.target_name}: survey failed, every item runs in full: {problem}",
+            extra={"job": first.job.name, "target": first.target_name},
+        )
+        return {}
+    found: dict[int, dict[str, Any]] = {}
+    for row in rows:
+        index = row.pop("item", None)
+        if isinstance(index, int) and 0 <= index < len(specs):
+            found[index] = row
+    return found
 
 
 class RunFailed(Exception):
@@ -146,7 +323,6 @@ class _Run:
         self.lock_key = db.advisory_key(spec.job.name, spec.target_name, spec.item_label or "")
         self.conn: psycopg.Connection[Any] | None = None
         self.ledger: Ledger | None = None
-        self.ledger_conn: psycopg.Connection[Any] | None = None
         self.locked = False
         self.attempts = 0
         self.owns_session = options.session is None
@@ -180,6 +356,9 @@ class _Run:
                 f"target {spec.target_name!r} is declared pooled; unit {unit.name!r} runs DDL and needs a direct "
                 "connection (set a direct dsn for this target)"
             )
+        if self.opts.surveyed is not None:
+            self._execute_surveyed(self.opts.surveyed)
+            return
         self.conn = self._connect()
         if db.is_in_recovery(self.conn):
             self._skip("target is a replica in recovery; maintenance runs on the primary only")
@@ -222,39 +401,20 @@ class _Run:
             self.result.status = "planned" if self.opts.dry_run else "ok"
         self._record()
 
+    def _execute_surveyed(self, surveyed: Surveyed) -> None:
+        """`run_all` already took this item's lock, asked `on_locked` and recorded it (see `_settle`)."""
+        self.result.findings = [json_safe(surveyed.finding)] if surveyed.status != "skipped" else []
+        self.result.status = surveyed.status
+        self.result.reason = surveyed.reason
+        self.result.run_id = surveyed.run_id
+
     # -- connection and ledger ------------------------------------------------------------------
 
     def _connect(self, fresh: bool = False) -> psycopg.Connection[Any]:
-        try:
-            conninfo = self.spec.target.conninfo()
-        except OSError as exc:
-            raise RunFailed(f"cannot read dsn_file of target {self.spec.target_name!r}: {exc.strerror}") from None
-        session = self.session
-        if session.conninfo != conninfo:
-            session.close()  # the DSN changed (a rotated dsn_file): nothing of the old session is reused
-            session.conninfo = conninfo
-        if fresh or not Session.usable(session.conn):
-            if session.conn is not None and not session.conn.closed:
-                session.conn.close()
-            session.conn = db.connect(conninfo, application_name=f"pg-maintainer {self.spec.job.name}"[:63])
-        else:
-            assert session.conn is not None
-            session.conn.execute("RESET ALL")  # whatever the previous run's unit SET for itself
-        if self.opts.on_connect is not None:
-            self.opts.on_connect(session.conn)
-        return session.conn
+        return self.session.work_connection(self.spec, fresh=fresh, on_connect=self.opts.on_connect)
 
     def _open_ledger(self) -> None:
-        session = self.session
-        if not Session.usable(session.ledger_conn):
-            session.ledger_conn = db.connect(self.spec.target.conninfo(), application_name="pg-maintainer ledger")
-            session.ledger_ready = False
-        assert session.ledger_conn is not None
-        self.ledger_conn = session.ledger_conn
-        self.ledger = Ledger(self.ledger_conn, self.spec.settings.state_schema)
-        if not session.ledger_ready:
-            self.ledger.ensure()
-            session.ledger_ready = True
+        self.ledger = self.session.ledger(self.spec)
 
     def _reconnect(self) -> None:
         """After a lost connection: new session, same timeouts, and the advisory lock again."""
@@ -582,9 +742,7 @@ class _Run:
                 summary=None,
                 level_field=level_field,
             )
-            if not self.session.purged:
-                self.ledger.purge(self.spec.settings.defaults.history_retention)
-                self.session.purged = True
+            self.session.purge_once(self.ledger, self.spec)
         except psycopg.Error:
             # A ledger hiccup must not turn a finished maintenance run into a failure.
             pass

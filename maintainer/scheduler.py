@@ -52,7 +52,7 @@ from maintainer.outcomes import Outcomes
 from maintainer.project import Project, RunSpec, load_project, parse_args
 from maintainer.report import latest_runs
 from maintainer.results import RunResult, exit_code
-from maintainer.runner import RunOptions, Session, run
+from maintainer.runner import RunOptions, run, run_all
 
 log = logging.getLogger("maintainer")
 
@@ -325,15 +325,13 @@ class Daemon:
         tick = last_tick(job.schedule, fired)
         config = sentry.monitor_config(job, project.settings) if self.alerts.enabled else None
         checkin = CheckIn(sentry.monitor_slug(job.name, target), config) if config is not None else None
-        results = []
-        with Session() as session:
-            for spec in specs:
-                if self.cancel.is_set():
-                    break
-                results.append(self._run(spec, RunOptions(
-                    trigger="schedule", cancel=self.cancel, on_locked=self._once_per_tick(spec, tick, checkin),
-                    session=session,
-                )))
+        results = run_all(
+            specs,
+            lambda spec: RunOptions(
+                trigger="schedule", cancel=self.cancel, on_locked=self._once_per_tick(spec, tick, checkin)
+            ),
+            runner=self._run,
+        )
         if checkin is not None:
             checkin.finish(ok=len(results) == len(specs) and all(r.status != "failed" for r in results))
 
@@ -426,16 +424,15 @@ class Daemon:
             while len(self._triggers) > KEEP_TRIGGERS:
                 self._triggers.popitem(last=False)
 
+        def tracked(spec: RunSpec, options: RunOptions) -> RunResult:
+            result = self._run(spec, options)
+            trigger.results.append(result)  # visible to GET /trigger/<id> while the rest still runs
+            return result
+
         def work() -> None:
             try:
-                with Session() as session:
-                    for spec in specs:
-                        if self.cancel.is_set():
-                            break
-                        options = RunOptions(
-                            trigger="http", args=parsed, dry_run=dry_run, cancel=self.cancel, session=session
-                        )
-                        trigger.results.append(self._run(spec, options))
+                run_all(specs, RunOptions(trigger="http", args=parsed, dry_run=dry_run, cancel=self.cancel),
+                        runner=tracked)
             finally:
                 trigger.done.set()
 

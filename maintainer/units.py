@@ -30,7 +30,7 @@ from maintainer.values import (
     parse_size,
 )
 
-BLOCKS = ("prepare", "discover", "apply", "after", "verify", "report", "check")
+BLOCKS = ("survey", "prepare", "discover", "apply", "after", "verify", "report", "check")
 ParamType = Literal[
     "table",
     "identifier",
