@@ -224,8 +224,23 @@ SELECT 1 / 0;
     holder = db.connect()
     holder.autocommit = False
     holder.execute("LOCK TABLE items IN ACCESS SHARE MODE")
-    threading.Timer(0.5, holder.rollback).start()
+
+    def release_after_the_first_timeout() -> None:
+        # Once the run queues for the lock, hold on longer than its lock_timeout (500ms), so the first
+        # attempt fails however slowly the run started; the retry then gets the lock.
+        with db.connect() as watcher:
+            for _ in range(600):
+                if watcher.execute("SELECT count(*) FROM pg_locks WHERE relation = 'items'::regclass"
+                                   " AND NOT granted").fetchone() != (0,):
+                    break
+                time.sleep(0.05)
+        time.sleep(0.8)
+        holder.rollback()
+
+    releaser = threading.Thread(target=release_after_the_first_timeout)
+    releaser.start()
     run = json.loads(workspace.cli("trigger", "locker", "--json").output)["runs"][0]
+    releaser.join()
     holder.close()
     assert run["status"] == "ok", run
     assert run["actions"][0].get("attempts", 1) >= 2
