@@ -6,8 +6,10 @@ locks and `CONCURRENTLY` need a real session.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import re
+from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
 
@@ -121,12 +123,42 @@ def error_summary(exc: BaseException, *, sensitive: bool = False) -> str:
 
 def query(conn: psycopg.Connection[Any], text: str, params: list[Any], *, read_only: bool) -> list[dict[str, Any]]:
     """One statement with `$n` parameters in its own transaction (READ ONLY when asked); its rows."""
-    with conn.transaction():
-        if read_only:
-            conn.execute("SET TRANSACTION READ ONLY")
-        with psycopg.RawCursor(conn, row_factory=dict_row) as cur:
-            cur.execute(text, params or None)
-            return list(cur.fetchall()) if cur.description else []
+    for attempt in (1, 2):
+        try:
+            with conn.transaction():
+                if read_only:
+                    conn.execute("SET TRANSACTION READ ONLY")
+                with psycopg.RawCursor(conn, row_factory=dict_row) as cur:
+                    cur.execute(text, params or None)
+                    return list(cur.fetchall()) if cur.description else []
+        except psycopg.errors.FeatureNotSupported as exc:
+            # A prepared statement kept across DDL (see `keeping_plans`) whose result columns changed:
+            # forget every prepared statement (psycopg clears its cache on DEALLOCATE ALL) and rerun.
+            if attempt == 2 or "cached plan must not change result type" not in str(exc):
+                raise
+            conn.execute("DEALLOCATE ALL")
+    raise AssertionError("unreachable")
+
+
+# psycopg forgets every prepared statement of a connection (DEALLOCATE ALL) after a statement whose
+# command status is ALTER or DROP. A unit's apply steps run such DDL between the same catalog
+# queries item after item (partitions: thousands of ALTER TABLE in a pass), which would re-plan those
+# queries every time; PostgreSQL itself re-plans a prepared statement when what it reads changes.
+_FORGETS_PLANS = re.compile(r"\A(?:\s+|--[^\n]*(?:\n|\Z)|/\*.*?\*/)*(?:ALTER|DROP)\b", re.IGNORECASE | re.DOTALL)
+
+
+@contextlib.contextmanager
+def keeping_plans(conn: psycopg.Connection[Any], statement: str) -> Iterator[None]:
+    """Run `statement` (inside the block) without psycopg dropping the session's prepared statements."""
+    if not _FORGETS_PLANS.match(statement):
+        yield
+        return
+    threshold = conn.prepare_threshold
+    conn.prepare_threshold = None
+    try:
+        yield
+    finally:
+        conn.prepare_threshold = threshold
 
 
 def relation_exists(conn: psycopg.Connection[Any], *name: str) -> bool:

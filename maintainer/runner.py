@@ -628,7 +628,7 @@ class _Run:
         started = time.monotonic()
         action = Action(statement.sql, "ok")
         try:
-            with psycopg.RawCursor(self.conn, row_factory=dict_row) as cur:
+            with psycopg.RawCursor(self.conn, row_factory=dict_row) as cur, db.keeping_plans(self.conn, statement.sql):
                 cur.execute(statement.sql, statement.params or None)
                 fetched = list(cur.fetchall()) if cur.description else []
                 rows = cur.rowcount if cur.rowcount >= 0 else len(fetched)

@@ -488,3 +488,38 @@ SET work_mem = '77MB';
     assert third["lock_timeout"] == "1500ms"
     assert first["advisory_locks"] == third["advisory_locks"] == 1  # each item holds only its own lock
     assert db.execute("SELECT count(*) FROM maintainer.run") == [(3,)]
+
+
+def test_prepared_catalog_queries_survive_ddl_and_a_changed_result_type_is_replanned(
+    workspace: Workspace, db: Database
+) -> None:
+    # The discover text is the same for every item, so the session prepares it after a few items;
+    # each apply runs an ALTER between two of its executions. The first ALTERs change nothing it
+    # reads; the later ones add a column to the table it selects * from.
+    db.run_script("CREATE TABLE widened (id int); INSERT INTO widened VALUES (1)")
+    workspace.unit("widen", """---
+description: read a table whole, then widen it
+params:
+  n: {type: integer, required: true}
+---
+{% block discover %}
+SELECT w.*, {{ params.n | bind }}::int AS n, (SELECT count(*) FROM pg_prepared_statements) AS prepared
+  FROM widened w
+{% endblock %}
+{% block apply %}
+{% if params.n > 6 %}
+ALTER TABLE widened ADD COLUMN {{ ('c' ~ params.n) | ident }} int;
+{% else %}
+ALTER TABLE widened ALTER COLUMN id SET DEFAULT {{ params.n | literal }};
+{% endif %}
+{% endblock %}
+""")
+    workspace.job("widen", unit="widen", items=[{"n": n} for n in range(1, 11)])
+    runs = json.loads(workspace.cli("trigger", "widen", "--json").output)["runs"]
+    assert [r["status"] for r in runs] == ["ok"] * 10, [r["error"] for r in runs]
+    # the session's prepared statements are kept across the ALTERs (they only accumulate) until a
+    # changed result type forced them out and the discover was re-run
+    prepared = [r["findings"][0]["prepared"] for r in runs]
+    assert prepared[:7] == sorted(prepared[:7]) and prepared[6] > 0
+    assert prepared[7] < prepared[6]
+    assert set(runs[-1]["findings"][0]) == {"id", "c7", "c8", "c9", "n", "prepared"}
