@@ -23,6 +23,7 @@ STATES: dict[str, tuple[dict[str, Any], bool]] = {
     "steady_weekly": ({"interval": "1 week", "premake": 3}, True),
     "steady_daily_date": ({"interval": "1 day", "premake": 2}, True),
     "beyond_premake": ({"interval": "1 month", "premake": 2}, True),
+    "open_ended": ({"interval": "1 month", "retention": "1 month"}, True),  # MINVALUE and MAXVALUE bounds
     "short": ({"interval": "1 month"}, False),  # one month missing at the end
     "gap": ({"interval": "1 month"}, False),  # a hole next month
     "expired": ({"interval": "1 month", "retention": "12 months"}, False),
@@ -43,6 +44,10 @@ def build_states(db: Database) -> None:
     monthly_table(db, "few_ahead", range(-3, 2))
     monthly_table(db, "steady_default", range(-3, 5), default=True)
     monthly_table(db, "beyond_premake", range(0, 8))
+    monthly_table(db, "open_ended", range(-1, 3), extra=f"""
+        CREATE TABLE open_ended_low PARTITION OF open_ended FOR VALUES FROM (MINVALUE) TO ('{month(-1):%Y-%m-%d}');
+        CREATE TABLE open_ended_high PARTITION OF open_ended FOR VALUES FROM ('{month(3):%Y-%m-%d}') TO (MAXVALUE);
+    """)
     monthly_table(db, "gap", [*range(-3, 1), *range(2, 5)])  # type: ignore[arg-type]
     monthly_table(db, "expired", range(-15, 5))
     db.run_script(f"""
