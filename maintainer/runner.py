@@ -325,6 +325,7 @@ class _Run:
         self.ledger: Ledger | None = None
         self.locked = False
         self.attempts = 0
+        self.step_batches = 0  # of the step being applied (repeated steps: one per batch that changed rows)
         self.owns_session = options.session is None
         self.session = options.session or Session()
 
@@ -501,15 +502,18 @@ class _Run:
             return outcomes
         for index, row in enumerate(step_rows):
             self._check_cancel()
-            outcome = {"row": row, "status": "planned" if self.opts.dry_run else "ok", "rows": 0}
+            outcome = {"row": row, "status": "planned" if self.opts.dry_run else "ok", "rows": 0, "batches": 0}
             outcomes.append(outcome)
             mark = len(self.result.actions)
+            self.step_batches = 0
             try:
                 outcome["rows"] = self._run_step(context, row, index, len(step_rows))
+                outcome["batches"] = self.step_batches
             except (RunFailed, psycopg.Error) as exc:
                 outcome["status"] = "failed"
                 # What the step's committed statements (or batches) changed before it failed.
                 outcome["rows"] = sum(a.rows or 0 for a in self.result.actions[mark:] if a.status == "ok")
+                outcome["batches"] = self.step_batches
                 if self.unit.meta.on_step_error == "continue":
                     self._note_failure(exc)
                     continue
@@ -521,6 +525,7 @@ class _Run:
         if self.opts.dry_run or self.unit.meta.repeat is None:
             statements = self._render("apply", step_context)
             rows, _ = self._execute_statements(statements)
+            self.step_batches = 1 if rows else 0
             return rows
         return self._run_repeated(step_context, row, index, count)
 
@@ -544,6 +549,8 @@ class _Run:
             # the ledger still shows the rows the committed batches changed.
             self.result.actions[base:] = merged
             total += rows
+            if rows:
+                self.step_batches += 1  # batches that changed something, committed so far
             context["prev"] = last
             if self.opts.progress is not None:
                 estimate = row.get("estimate")

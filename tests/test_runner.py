@@ -282,12 +282,17 @@ SELECT pg_sleep(3);
 
 def test_repeat_until_zero_rows_paginates_with_prev(workspace: Workspace, db: Database) -> None:
     make_items(db, rows=2500)
-    workspace.unit("batched", BATCHED_UNIT)
+    workspace.unit("batched", BATCHED_UNIT + """{% block report %}
+SELECT {{ steps | map(attribute='batches') | list | bind }}::int[] AS batches,
+       {{ steps | map(attribute='rows') | list | bind }}::int[] AS rows
+{% endblock %}
+""")
     workspace.job("batched", unit="batched")
     run = json.loads(workspace.cli("trigger", "batched", "--json").output)["runs"][0]
     assert run["status"] == "ok"
     assert run["actions"][0]["iterations"] == 4  # 1000 + 1000 + 500 + the empty batch that stops it
     assert run["actions"][0]["rows"] == 2500
+    assert run["findings"] == [{"batches": [3], "rows": [2500]}]  # the empty last batch is not counted
     assert db.execute("SELECT count(*) FROM items WHERE NOT done") == [(0,)]
 
 
