@@ -32,6 +32,8 @@ if TYPE_CHECKING:
 
 LEDGER_VERSION = 1
 
+INTERRUPTED = "interrupted: the process ended before the run finished"
+
 _MIGRATIONS: dict[int, str] = {
     1: """
     CREATE TABLE IF NOT EXISTS {schema}.schema_version (
@@ -174,15 +176,24 @@ class Ledger:
         status: str = "running",
         reason: str | None = None,
     ) -> int:
-        """Record a run as it starts (`running`), or a run that ends here (`skipped`, with `reason`)."""
+        """Record a run as it starts (`running`), or a run that ends here (`skipped`, with `reason`).
+
+        A run that starts holds its lock, so earlier runs of the same lock still `running` died with
+        their process: the same statement marks them `interrupted`."""
         row = self.conn.execute(
             sql.SQL(
-                "INSERT INTO {}.run (job, unit, target, item, lock_key, trigger, triggered_by, host, status, params,"
+                "WITH leftover AS ("
+                " UPDATE {s}.run SET status = 'interrupted', finished_at = now(), error = %s"
+                " WHERE lock_key = %s AND status = 'running' AND %s = 'running')"
+                " INSERT INTO {s}.run (job, unit, target, item, lock_key, trigger, triggered_by, host, status, params,"
                 " error, finished_at)"
                 " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s,"
                 " CASE WHEN %s = 'running' THEN NULL ELSE now() END) RETURNING id"
-            ).format(self._s),
+            ).format(s=self._s),
             (
+                INTERRUPTED,
+                lock_key,
+                status,
                 job,
                 unit,
                 target,
@@ -200,22 +211,10 @@ class Ledger:
         assert row is not None
         return int(row["id"])
 
-    def mark_interrupted(self, lock_key: int, current_run: int) -> int:
-        """Earlier runs of this lock still `running` died with their process: say so."""
-        cur = self.conn.execute(
-            sql.SQL(
-                "UPDATE {}.run SET status = 'interrupted', finished_at = now(),"
-                " error = 'interrupted: the process ended before the run finished'"
-                " WHERE lock_key = %s AND status = 'running' AND id <> %s"
-            ).format(self._s),
-            (lock_key, current_run),
-        )
-        return cur.rowcount
-
     def record_idle_runs(self, runs: Sequence[IdleRun]) -> list[int]:
         """Finished runs that found nothing to do (vouched for by a unit's `survey`), or were skipped,
         with their one finding, in one statement; an `ok` run also marks earlier `running` records of
-        its lock as interrupted, as `mark_interrupted` does. Returns the run ids in order."""
+        its lock as interrupted, as `start_run` does. Returns the run ids in order."""
         if not runs:
             return []
         columns = (
@@ -241,8 +240,7 @@ class Ledger:
                 " AS u(job, unit, target, item, lock_key, trigger, triggered_by, status, params, reason, level,"
                 " finding, n)),"
                 " leftover AS ("
-                " UPDATE {s}.run r SET status = 'interrupted', finished_at = now(),"
-                " error = 'interrupted: the process ended before the run finished'"
+                " UPDATE {s}.run r SET status = 'interrupted', finished_at = now(), error = %s"
                 " FROM (SELECT DISTINCT lock_key FROM input WHERE status = 'ok') i"
                 " WHERE r.lock_key = i.lock_key AND r.status = 'running'),"
                 " new_run AS ("
@@ -255,7 +253,7 @@ class Ledger:
                 " SELECT id, 1, level, finding FROM input WHERE finding IS NOT NULL)"
                 " SELECT id FROM input ORDER BY n"
             ).format(s=self._s, run_table=sql.Literal(quote_ident(self.schema, "run"))),
-            (*columns, socket.gethostname()),
+            (*columns, INTERRUPTED, socket.gethostname()),
         ).fetchall()
         return [int(row["id"]) for row in rows]
 

@@ -386,7 +386,6 @@ class _Run:
                 trigger=self.opts.trigger,
                 params=json_safe(_loggable(spec.params)),
             )
-            self.ledger.mark_interrupted(self.lock_key, self.result.run_id)
         db.set_timeouts(self.conn, lock_timeout=self.lock_timeout, statement_timeout=self.statement_timeout)
         self._resolve_tables()
         context = self._context()
@@ -456,15 +455,14 @@ class _Run:
         table fails when parsed): installed extensions, and whether the ledger tables exist yet
         (a dry run on a target that never ran a job has none)."""
         assert self.conn is not None
-        extensions = {
-            row["extname"]: {"schema": row["nspname"], "version": row["extversion"]}
-            for row in self.conn.execute(
-                "SELECT e.extname, n.nspname, e.extversion FROM pg_extension e"
-                " JOIN pg_namespace n ON n.oid = e.extnamespace"
-            ).fetchall()
-        }
-        ledger_exists = db.relation_exists(self.conn, self.spec.settings.state_schema, "finding")
-        return {"extensions": extensions, "ledger_exists": ledger_exists}
+        row = self.conn.execute(
+            "SELECT (SELECT coalesce(json_object_agg(e.extname, json_build_object('schema', n.nspname,"
+            " 'version', e.extversion)), '{}') FROM pg_extension e JOIN pg_namespace n ON n.oid = e.extnamespace)"
+            " AS extensions, to_regclass(%s) IS NOT NULL AS ledger_exists",
+            (db.quote_ident(self.spec.settings.state_schema, "finding"),),
+        ).fetchone()
+        assert row is not None
+        return {"extensions": row["extensions"], "ledger_exists": row["ledger_exists"]}
 
     def _resolve_tables(self) -> None:
         """Every `table` param must name an existing relation: fail clearly before doing anything."""
