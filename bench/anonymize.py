@@ -3,15 +3,16 @@
 The same 1M-row audit table (personal data in three columns, every row older than the retention
 cutoff) is built several times from one template, so each contender starts from identical data:
 
-1. throughput, nothing else running: one plain UPDATE vs the sweep (batch 1000 — the default —
-   and 5000, no pause), alternating for `--rounds` rounds; the ratio is sweep rows/s ÷ plain
-   rows/s (median);
+1. throughput, nothing else running: one plain UPDATE vs the sweep with the unit's default
+   batch sizing (each batch sized to take about `batch_time`, 50 ms) and with fixed 1000-row
+   batches (the previous default), both without pause, alternating for `--rounds` rounds; the
+   ratio is sweep rows/s ÷ plain rows/s (median);
 2. batch transactions: the time of every batch, from the runner's per-batch progress callback
    (interval between two batches minus the configured pause, so it also counts rendering);
 3. a live application: a separate process updates single random rows of the table (~200/s,
    its own connection, no lock_timeout, latency counted from each request's scheduled start)
-   while the plain UPDATE runs, and while the sweep runs with its default settings (batch 1000,
-   pause 50 ms). The sweep goes through the table in 10 slices; before each a 5 s idle window,
+   while the plain UPDATE runs, and while the sweep runs with its default settings (unless
+   `--live-batch` / `--live-pause` say otherwise). The sweep goes through the table in 10 slices; before each a 5 s idle window,
    after each a 5 s CPU control (a backend burning CPU with the batches' duty cycle but touching
    no table), so baseline, sweep and control are measured interleaved under the same machine
    load. Its p99 during each is compared with the idle baseline; the control shows how much of
@@ -41,7 +42,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from maintainer.pgserver import LocalCluster, available_kinds
 from maintainer.project import load_project
 from maintainer.runner import Progress, RunOptions, run
-from maintainer.values import parse_duration
 
 WHERE = "created_at < now() - interval '90 days'"
 SWEEP_WHERE = "created_at < %(now)s - interval '90 days'"  # the same cutoff, fixed for the whole run
@@ -153,7 +153,14 @@ def plain_update(conn: psycopg.Connection[Any], table: str) -> tuple[float, int]
     return time.perf_counter() - started, cur.rowcount
 
 
-def sweep(dsn: str, table: str, *, pause: str, batch_size: int = 1000, where: str = SWEEP_WHERE) -> dict[str, Any]:
+def sweep(dsn: str, table: str, *, pause: str | None = None, batch_size: int | None = None,
+          where: str = SWEEP_WHERE) -> dict[str, Any]:
+    """One run of the unit; `None` leaves a param at the unit's default."""
+    item: dict[str, Any] = {"table": f"public.{table}", "where": where, "set": SET, "vacuum_after": 0}
+    if batch_size is not None:
+        item["batch_size"] = batch_size
+    if pause is not None:
+        item["pause"] = pause
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         (root / "jobs").mkdir()
@@ -161,9 +168,7 @@ def sweep(dsn: str, table: str, *, pause: str, batch_size: int = 1000, where: st
             "targets": {"bench": {"dsn": dsn}}, "jobs_dir": "jobs",
             "defaults": {"lock_timeout": "2s", "statement_timeout": "1h"}}))
         (root / "jobs" / "sweep.yaml").write_text(yaml.safe_dump({
-            "name": "sweep", "unit": "anonymize", "items": [{
-                "table": f"public.{table}", "where": where, "set": SET, "batch_size": batch_size, "pause": pause,
-                "vacuum_after": 0}]}))
+            "name": "sweep", "unit": "anonymize", "items": [item]}))
         project = load_project(str(root / "maintainer.yaml"))
         spec = project.run_specs(project.job("sweep"))[0]
         pause_s = spec.params["pause"].total_seconds()
@@ -177,10 +182,12 @@ def sweep(dsn: str, table: str, *, pause: str, batch_size: int = 1000, where: st
     batches = [elapsed[0]] + [b - a - pause_s for a, b in itertools.pairwise(elapsed)]
     finding = result.findings[0]
     return {"seconds": seconds, "rows": finding["rows_anonymized"], "remaining": finding["rows_remaining"],
-            "batches": batches[:-1] or batches}  # the last batch only checks that nothing is left
+            "batches": batches[:-1] or batches,  # the last batch only checks that nothing is left
+            "pause": pause_s}
 
 
-def bench(kind_name: str, cluster: LocalCluster, rows: int, rounds: int, live_batch: int, live_pause: str) -> None:
+def bench(kind_name: str, cluster: LocalCluster, rows: int, rounds: int, live_batch: int | None,
+          live_pause: str | None) -> None:
     dsn = cluster.dsn()
     tag = f"[{kind_name}]"
     with psycopg.connect(dsn, autocommit=True) as conn:
@@ -190,30 +197,32 @@ def bench(kind_name: str, cluster: LocalCluster, rows: int, rounds: int, live_ba
 
         # 1. throughput on an idle server; rounds alternate so machine noise hits both contenders alike
         ratios: list[float] = []
-        big_ratios: list[float] = []
+        fixed_ratios: list[float] = []
         batch_times: list[float] = []
-        big_times: list[float] = []
+        fixed_times: list[float] = []
         plain_rates: list[float] = []
         for number in range(1, rounds + 1):
             copy_table(conn, "plain_t")
             plain_s, plain_rows = plain_update(conn, "plain_t")
             copy_table(conn, "sweep_t")
-            fast = sweep(dsn, "sweep_t", pause="0s")
+            sized = sweep(dsn, "sweep_t", pause="0s")  # the unit's default batch sizing
             copy_table(conn, "sweep_t")
-            big = sweep(dsn, "sweep_t", pause="0s", batch_size=5000)
+            fixed = sweep(dsn, "sweep_t", pause="0s", batch_size=1000)
             plain_rates.append(plain_rows / plain_s)
-            ratios.append((fast["rows"] / fast["seconds"]) / plain_rates[-1])
-            big_ratios.append((big["rows"] / big["seconds"]) / plain_rates[-1])
-            batch_times += fast["batches"]
-            big_times += big["batches"]
+            ratios.append((sized["rows"] / sized["seconds"]) / plain_rates[-1])
+            fixed_ratios.append((fixed["rows"] / fixed["seconds"]) / plain_rates[-1])
+            batch_times += sized["batches"]
+            fixed_times += fixed["batches"]
             print(f"{tag} round {number}: plain UPDATE {plain_rows:,} rows in {plain_s:.1f}s; sweep (pause 0) "
-                  f"{fast['rows']:,} rows in {fast['seconds']:.1f}s with batch 1000 ({ratios[-1]:.2f}x), "
-                  f"{big['seconds']:.1f}s with batch 5000 ({big_ratios[-1]:.2f}x)", flush=True)
+                  f"{sized['rows']:,} rows in {sized['seconds']:.1f}s with default batch sizing, "
+                  f"{len(sized['batches'])} batches ({ratios[-1]:.2f}x); {fixed['seconds']:.1f}s with fixed "
+                  f"batch_size 1000 ({fixed_ratios[-1]:.2f}x)", flush=True)
         ratio = statistics.median(ratios)
-        print(f"{tag} throughput ratio (median of {rounds}): batch 1000 {ratio:.2f}x (goal >= 0.5x: "
-              f"{'met' if ratio >= 0.5 else 'MISSED'}); batch 5000 {statistics.median(big_ratios):.2f}x", flush=True)
-        for size, times in ((1000, batch_times), (5000, big_times)):
-            print(f"{tag} batch {size} transactions (pause 0, all rounds): n={len(times)} "
+        print(f"{tag} throughput ratio (median of {rounds}): default batch sizing {ratio:.2f}x (goal >= 0.5x: "
+              f"{'met' if ratio >= 0.5 else 'MISSED'}); fixed batch 1000 {statistics.median(fixed_ratios):.2f}x",
+              flush=True)
+        for size, times in (("default sizing", batch_times), ("fixed 1000", fixed_times)):
+            print(f"{tag} batch transactions, {size} (pause 0, all rounds): n={len(times)} "
                   f"p50 {statistics.median(times) * 1000:.1f} ms, p99 {p99(times) * 1000:.1f} ms, "
                   f"max {max(times) * 1000:.1f} ms (goal p99 < 250 ms: "
                   f"{'met' if p99(times) < 0.25 else 'MISSED'})", flush=True)
@@ -227,7 +236,6 @@ def bench(kind_name: str, cluster: LocalCluster, rows: int, rounds: int, live_ba
             live_plain_s, _ = plain_update(conn, "plain_t")
             during_plain = load.finish()
         live: dict[str, Any] = {"rows": 0, "seconds": 0.0, "remaining": 0, "batches": []}
-        pause_s = parse_duration(live_pause).total_seconds()
         windows: list[tuple[str, float, float]] = []
         with Workload(dsn, "sweep_t", rows) as load:
             for segment in range(SEGMENTS):
@@ -243,7 +251,7 @@ def bench(kind_name: str, cluster: LocalCluster, rows: int, rounds: int, live_ba
                     live[key] += part[key]
                 live["remaining"] = part["remaining"]  # rows of this slice still matching
                 started = time.monotonic()
-                cpu_control(dsn, statistics.median(part["batches"]), pause_s, IDLE_WINDOW)
+                cpu_control(dsn, statistics.median(part["batches"]), part["pause"], IDLE_WINDOW)
                 windows.append(("control", started, time.monotonic()))
             samples = load.samples()
 
@@ -253,7 +261,8 @@ def bench(kind_name: str, cluster: LocalCluster, rows: int, rounds: int, live_ba
         idle, during_sweep, during_control = during("idle"), during("sweep"), during("control")
         base = p99(idle)
         live_rate = live["rows"] / live["seconds"]
-        print(f"{tag} live sweep (batch {live_batch}, pause {live_pause}): {live['rows']:,} rows in {live['seconds']:.1f}s "
+        setting = (f"batch {live_batch or 'sized to batch_time'}, pause {live_pause or 'default'}")
+        print(f"{tag} live sweep ({setting}): {live['rows']:,} rows in {live['seconds']:.1f}s "
               f"({live_rate:,.0f} rows/s, {live_rate / statistics.median(plain_rates):.2f}x the idle plain UPDATE); "
               f"{live['remaining']} row(s) left for the next run; batch p99 {p99(live['batches']) * 1000:.1f} ms, "
               f"max {max(live['batches']) * 1000:.1f} ms", flush=True)
@@ -272,8 +281,9 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--server", default="pg18-embedded", help="pg18-embedded, pg15-system or all")
     parser.add_argument("--rounds", type=int, default=3, help="throughput rounds (plain, then sweep)")
-    parser.add_argument("--live-batch", type=int, default=1000, help="batch_size of the sweep beside the workload")
-    parser.add_argument("--live-pause", default="50ms", help="pause of the sweep beside the workload")
+    parser.add_argument("--live-batch", type=int, default=None,
+                        help="fixed batch_size of the sweep beside the workload (default: the unit's sizing)")
+    parser.add_argument("--live-pause", default=None, help="pause of the sweep beside the workload (default: the unit's)")
     options = parser.parse_args()
     kinds = [k for k in available_kinds() if options.server in ("all", k.name)]
     if not kinds:

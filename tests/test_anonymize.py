@@ -141,6 +141,36 @@ def test_retention_sweep_changes_only_matching_rows_and_a_rerun_changes_nothing(
     ) == [(matching, "ok")]
 
 
+def test_without_batch_size_each_batch_is_sized_to_take_about_batch_time(workspace: Workspace, db: Database) -> None:
+    """The default sizing: 1000 rows first, then the previous batch's pace scaled to `batch_time`
+    (at most 4x per batch); a fixed `batch_size` turns it off (the test above)."""
+    make_activities(db, rows=3000)
+    # a generous target: the second batch may grow 4x (to 4000) and takes the remaining 2000 rows
+    sweep_job(workspace, "roomy", where="user_id >= 0", batch_time="1h")
+    # a tiny target: batches shrink to what takes about a millisecond (≈ 10-300 rows), so many more
+    sweep_job(workspace, "tight", where="user_id >= 0", batch_time="1ms",
+              set={"actor_email": None, "actor_ip": None, "user_agent": "x"})
+    sweep_job(workspace, "broken", batch_time="0s")
+
+    roomy = trigger(workspace, "roomy")[0]
+    assert roomy["status"] == "ok", roomy
+    assert roomy["actions"][0]["iterations"] == 3  # 1000, 2000, then the batch that found nothing
+    finding = roomy["findings"][0]
+    assert (finding["rows_anonymized"], finding["rows_remaining"], finding["batches"]) == (3000, 0, 2)
+    assert finding["message"] == "3000 row(s) anonymized in 2 batch(es); none remaining"
+
+    tight = trigger(workspace, "tight")[0]
+    assert tight["status"] == "ok", tight
+    assert (tight["findings"][0]["rows_anonymized"], tight["findings"][0]["rows_remaining"]) == (3000, 0)
+    assert tight["actions"][0]["iterations"] > 5, tight["actions"]  # fixed 1000-row batches would be 4
+    assert tight["findings"][0]["batches"] == tight["actions"][0]["iterations"] - 1  # the last found nothing
+    assert db.execute("SELECT count(*) FROM activities WHERE user_agent = 'x' AND actor_email IS NULL") == [(3000,)]
+
+    broken = trigger(workspace, "broken")[0]
+    assert broken["status"] == "failed"
+    assert broken["findings"][0]["message"] == "batch_time must be positive (or set batch_size)"
+
+
 def test_a_sweep_reads_each_row_a_bounded_number_of_times(workspace: Workspace, db: Database) -> None:
     """O(N), not O(N²/batch): the key cursor never rescans finished rows (counted by the server)."""
     rows = 4000
