@@ -19,7 +19,7 @@ databases of one throwaway cluster. Printed as ours / pg_partman:
 Needs pg_partman for PostgreSQL 15 (Debian: apt-get install postgresql-15-partman) and the
 PostgreSQL 15 binaries in /usr/lib/postgresql/15/bin.
 
-Usage: .venv/bin/python bench/partitions_vs_partman.py [--parents 200] [--partitions 10000] [--repeat 3]
+Usage: .venv/bin/python bench/partitions_vs_partman.py [--parents 200] [--partitions 10000] [--repeat 5]
                                                        [--partman-big]
 """
 
@@ -202,7 +202,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--parents", type=int, default=200)
     parser.add_argument("--partitions", type=int, default=10_000)
-    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--partman-big", action="store_true", help="also time pg_partman on the big parent")
     args = parser.parse_args()
     # a SIGTERM must still stop the throwaway cluster and remove its files
@@ -248,12 +248,14 @@ def main() -> int:
 
         progress(f"(a) ours {a_ours:.2f} s")
         # (b) steady state: nothing to create, nothing to retire
-        b_partman = statistics.median(
-            timed(lambda: partman.execute("SELECT partman.run_maintenance(p_jobmon := false)"))
-            for _ in range(args.repeat))
-        b_ours = statistics.median(timed(ours.run_all) for _ in range(args.repeat))
-        b_daemon = statistics.median(timed(lambda: ours.run_all(daemon=True)) for _ in range(args.repeat))
-        floor = statistics.median(timed(lambda: ours.run_all("noop")) for _ in range(args.repeat))
+        # interleaved rounds, so a busy moment of the machine hits every contender alike
+        rounds: dict[str, list[float]] = {"partman": [], "ours": [], "daemon": [], "floor": []}
+        for _ in range(args.repeat):
+            rounds["partman"].append(timed(lambda: partman.execute("SELECT partman.run_maintenance(p_jobmon := false)")))
+            rounds["ours"].append(timed(ours.run_all))
+            rounds["daemon"].append(timed(lambda: ours.run_all(daemon=True)))
+            rounds["floor"].append(timed(lambda: ours.run_all("noop")))
+        b_partman, b_ours, b_daemon, floor = (statistics.median(rounds[k]) for k in ("partman", "ours", "daemon", "floor"))
         assert count_partitions(partman, "m%") == count_partitions(ours_conn, "m%") == 6 * args.parents
 
         progress(f"(b) ours {b_ours:.2f} s (as the daemon runs it {b_daemon:.2f} s), pg_partman {b_partman:.2f} s,"
