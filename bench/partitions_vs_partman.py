@@ -6,7 +6,8 @@ databases of one throwaway cluster. Printed as ours / pg_partman:
 
   (a) cold creation: the current month and 4 ahead for every parent. pg_partman: create_parent()
       per parent (what an operator runs to set a table up); ours: one run of a job with 200 items
-      (engine included: connection, advisory lock, ledger, retries bookkeeping per item).
+      (engine included: connection, advisory lock, ledger, retries bookkeeping per item). Several
+      rounds on freshly created parents, the tools taking turns to go first.
   (b) a steady-state pass with nothing to do: partman.run_maintenance() against the same job run,
       as `maintainer trigger` runs it and as the daemon runs it (one more ledger query per item:
       did another replica already run this tick?). The configuration is loaded once, as the
@@ -20,6 +21,7 @@ Needs pg_partman for PostgreSQL 15 (Debian: apt-get install postgresql-15-partma
 PostgreSQL 15 binaries in /usr/lib/postgresql/15/bin.
 
 Usage: .venv/bin/python bench/partitions_vs_partman.py [--parents 200] [--partitions 10000] [--repeat 5]
+                                                       [--cold-rounds 3]
                                                        [--partman-big]
 """
 
@@ -203,6 +205,7 @@ def main() -> int:
     parser.add_argument("--parents", type=int, default=200)
     parser.add_argument("--partitions", type=int, default=10_000)
     parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--cold-rounds", type=int, default=3)
     parser.add_argument("--partman-big", action="store_true", help="also time pg_partman on the big parent")
     args = parser.parse_args()
     # a SIGTERM must still stop the throwaway cluster and remove its files
@@ -221,13 +224,20 @@ def main() -> int:
         ours_conn = psycopg.connect(cluster.dsn("ours"), autocommit=True)
         partman.execute("CREATE SCHEMA partman; CREATE EXTENSION pg_partman SCHEMA partman")
         version = partman.execute("SELECT extversion FROM pg_extension WHERE extname = 'pg_partman'").fetchone()
-        for name in tables:
-            partman.execute(parent_ddl(name))
-            ours_conn.execute(parent_ddl(name) + f"CREATE TABLE {name}_default PARTITION OF {name} DEFAULT;")
         ours = Ours(cluster.dsn("ours"), Path(tmp), tables)
         start = month_start().strftime("%Y-%m-%d 00:00:00+00")
         print(f"PostgreSQL {cluster.version_num}, pg_partman {version[0] if version else '?'}, "
-              f"{args.parents} monthly parents, median of {args.repeat} for (b) and (c)\n")
+              f"{args.parents} monthly parents, median of {args.cold_rounds} rounds for (a),"
+              f" of {args.repeat} for (b) and (c)\n")
+
+        def fresh_parents() -> None:
+            """The same 200 parents in both databases, without partitions (pg_partman forgets them)."""
+            listed = ", ".join(tables)
+            partman.execute(f"DROP TABLE IF EXISTS {listed} CASCADE; DELETE FROM partman.part_config")
+            ours_conn.execute(f"DROP TABLE IF EXISTS {listed} CASCADE")
+            for name in tables:
+                partman.execute(parent_ddl(name))
+                ours_conn.execute(parent_ddl(name) + f"CREATE TABLE {name}_default PARTITION OF {name} DEFAULT;")
 
         # (a) cold creation: the current month and 4 ahead, per parent
         def partman_create() -> None:
@@ -238,15 +248,23 @@ def main() -> int:
                     (f"public.{name}", start),
                 )
 
-        a_partman = timed(partman_create)
-        progress(f"(a) pg_partman {a_partman:.2f} s")
-        statuses: list[str] = []
-        a_ours = timed(lambda: statuses.extend(ours.run_all()))
-        assert set(statuses) == {"ok"}, statuses
-        # pg_partman adds its DEFAULT as a sixth child; ours had it from the start
-        assert count_partitions(partman, "m%") == count_partitions(ours_conn, "m%") == 6 * args.parents
+        def ours_create() -> None:
+            statuses = ours.run_all()
+            assert set(statuses) == {"ok"}, statuses
 
-        progress(f"(a) ours {a_ours:.2f} s")
+        # rounds on fresh parents, the two tools alternating first, so a busy moment of the
+        # machine does not land on one of them only
+        cold: dict[str, list[float]] = {"partman": [], "ours": []}
+        for number in range(args.cold_rounds):
+            fresh_parents()
+            order = [("partman", partman_create), ("ours", ours_create)]
+            for name, create in order if number % 2 == 0 else reversed(order):
+                cold[name].append(timed(create))
+            # pg_partman adds its DEFAULT as a sixth child; ours had it from the start
+            assert count_partitions(partman, "m%") == count_partitions(ours_conn, "m%") == 6 * args.parents
+            progress(f"(a) round {number + 1}: pg_partman {cold['partman'][-1]:.2f} s, ours {cold['ours'][-1]:.2f} s")
+        a_partman, a_ours = statistics.median(cold["partman"]), statistics.median(cold["ours"])
+        a_ratio = statistics.median(o / p for o, p in zip(cold["ours"], cold["partman"], strict=True))
         # (b) steady state: nothing to create, nothing to retire
         # interleaved rounds, so a busy moment of the machine hits every contender alike
         rounds: dict[str, list[float]] = {"partman": [], "ours": [], "daemon": [], "floor": []}
@@ -287,6 +305,8 @@ def main() -> int:
         print(f"{label:<58} ours {mine:8.3f} s   pg_partman {theirs:8.3f} s   ratio {mine / theirs:5.2f}x   goal {goal}")
 
     line(f"(a) cold creation, {args.parents} parents x 5 partitions", a_ours, a_partman, "<= 1.5x")
+    print(f"    (a) per round: ours {', '.join(f'{x:.2f}' for x in cold['ours'])} s; pg_partman"
+          f" {', '.join(f'{x:.2f}' for x in cold['partman'])} s; median of the per-round ratios {a_ratio:.2f}x")
     line(f"(b) steady-state pass, {args.parents} parents", b_ours, b_partman, "<= 1.0x")
     line("    the same pass as the daemon runs it (tick check per item)", b_daemon, b_partman, "<= 1.0x")
     print(f"    engine floor without a survey (a unit that finds nothing, same {args.parents} items, each a full"
