@@ -11,19 +11,41 @@ block returns with two truths:
 
 Then times the estimator over 2,000 indexes against a pgstatindex() census of the same indexes.
 
-    .venv/bin/python bench/bloat_accuracy.py [--rows 250000] [--indexes 2000]
+    .venv/bin/python bench/bloat_accuracy.py [--rows 250000] [--indexes 2000] [--cost-corpus-gb N]
 
 Prints MAE per shape, false positives on fresh indexes, coverage and the timing ratio.
+
+The census reads every page, so its cost grows with the bytes of the indexes; the estimator reads the
+catalog only, so its cost grows with their number. By default the 2,000 indexes are mostly ~100 kB
+fillers, all in memory: a quick run, but no statement about a real database. `--cost-corpus-gb N`
+builds a production-like cost corpus instead (a few large tables with 20 indexes each holding most
+of the N GB, plus a long tail of small and medium tables, >= --indexes indexes in all), then times,
+in each of --rounds rounds: a server restart with the database's files evicted from the OS page
+cache, the estimator's first (cold) run, a cold census, a warm census (the faster of two more
+passes, the index files now in the page cache as far as RAM allows; the share cached is printed)
+and the warm estimator (median of 5). The throwaway cluster runs with fsync=off and
+wal_level=minimal so that the builds write no WAL; neither changes a single byte of the indexes
+(the tables are ordinary logged tables, not unlogged ones). Needs root or the cluster's OS user to
+evict the files, and the disk space printed before the build starts (--keep-free-gb must remain).
+
+    .venv/bin/python bench/bloat_accuracy.py --cost-corpus-gb 30   # 2,003 indexes, 28.5 GB, ~15 min
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
+import math
+import os
+import random
+import re
+import shutil
 import statistics
+import subprocess
 import sys
 import time
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -157,10 +179,286 @@ def filler_tables(conn: psycopg.Connection[Any], count: int) -> None:
         conn.execute(f"ANALYZE {name}")
 
 
+# -- the cost corpus (--cost-corpus-gb) -------------------------------------------------------------
+
+# A large table like an application's busiest (orders, events, messages) with the 20 indexes such
+# tables accumulate. Key cardinalities scale with {rows}, so the index bytes per row (deduplication
+# included) do not depend on the table size and a small calibration table predicts the large ones.
+BIG_TABLE = (
+    "CREATE TABLE {name} (id bigint NOT NULL, account_id int NOT NULL, user_id int NOT NULL, parent_id bigint,"
+    " status smallint NOT NULL, kind int NOT NULL, amount_cents bigint NOT NULL, external_id uuid NOT NULL,"
+    " email text NOT NULL, created_at timestamptz NOT NULL, updated_at timestamptz NOT NULL)"
+    " WITH (autovacuum_enabled = false)"
+)
+BIG_LOAD = (
+    "INSERT INTO {name} SELECT g, 1 + (g * 7919) % {accounts}, 1 + (g * 104729) % {users},"
+    " CASE WHEN g % 4 <> 0 THEN greatest(1, g - 1 - (g * 13) % 1000) END, (g * 31) % 7, (g * 17) % 40,"
+    " (g * 2654435761) % 1000000, gen_random_uuid(), 'user' || (g * 48271) % {users} || '@mail' || g % 97"
+    " || '.example.com', timestamptz '2022-01-01' + g * interval '2 s',"
+    " timestamptz '2022-01-01' + g * interval '2 s' + (g * 7) % 86400 * interval '1 s'"
+    " FROM generate_series(1::bigint, {rows}) g"
+)
+BIG_INDEXES = [
+    "ALTER TABLE {t} ADD CONSTRAINT {t}_pkey PRIMARY KEY (id)",
+    "CREATE INDEX {t}_account ON {t} (account_id)",
+    "CREATE INDEX {t}_account_created ON {t} (account_id, created_at)",
+    "CREATE INDEX {t}_account_status_created ON {t} (account_id, status, created_at)",
+    "CREATE INDEX {t}_account_incl ON {t} (account_id) INCLUDE (amount_cents)",
+    "CREATE INDEX {t}_user ON {t} (user_id)",
+    "CREATE INDEX {t}_user_created ON {t} (user_id, created_at DESC)",
+    "CREATE INDEX {t}_user_kind ON {t} (user_id, kind)",
+    "CREATE INDEX {t}_parent ON {t} (parent_id)",
+    "CREATE INDEX {t}_status ON {t} (status)",
+    "CREATE INDEX {t}_status_updated ON {t} (status, updated_at)",
+    "CREATE INDEX {t}_kind_account ON {t} (kind, account_id)",
+    "CREATE INDEX {t}_amount ON {t} (amount_cents)",
+    "CREATE UNIQUE INDEX {t}_external ON {t} (external_id)",
+    "CREATE INDEX {t}_email ON {t} (email)",
+    "CREATE INDEX {t}_email_account ON {t} (email, account_id)",
+    "CREATE INDEX {t}_email_lower ON {t} (lower(email))",
+    "CREATE INDEX {t}_created ON {t} (created_at)",
+    "CREATE INDEX {t}_updated ON {t} (updated_at)",
+    "CREATE INDEX {t}_updated_open ON {t} (updated_at) WHERE status <> 6",
+]
+# the long tail: tables of 1,000 to 200,000 rows (log-uniform), 8 indexes each
+TAIL_ROWS = (1_000, 200_000)
+TAIL_INDEXES = ["(big)", "(u)", "(t)", "(a, b)", "(b) INCLUDE (t)", "(d DESC)", "(c)"]
+CALIBRATION_ROWS = 200_000
+
+
+def connect(cluster: LocalCluster) -> psycopg.Connection[Any]:
+    return psycopg.connect(cluster.dsn(), autocommit=True, row_factory=dict_row)
+
+
+def big_table(cluster: LocalCluster, name: str, rows: int) -> None:
+    """Load one large table (created and filled in one transaction: no WAL at wal_level=minimal), index it."""
+    with connect(cluster) as conn:
+        conn.execute("SET maintenance_work_mem = '1GB'")
+        conn.execute("SET max_parallel_maintenance_workers = 0")  # two builders already share the 2 cores
+        with conn.transaction():
+            conn.execute(BIG_TABLE.format(name=name))
+            conn.execute(BIG_LOAD.format(name=name, rows=rows, accounts=max(10, rows // 600),
+                                         users=max(10, rows // 6)))
+        for statement in BIG_INDEXES:
+            conn.execute(statement.format(t=name))
+        conn.execute(f"ANALYZE {name}")
+
+
+def tail_table(cluster: LocalCluster, name: str, rows: int) -> None:
+    with connect(cluster) as conn:
+        with conn.transaction():
+            conn.execute(
+                f"CREATE TABLE {name} (id int PRIMARY KEY, big bigint, u uuid, t text, a int, b int, c int,"
+                " d timestamptz) WITH (autovacuum_enabled = false)"
+            )
+            conn.execute(
+                f"INSERT INTO {name} SELECT g, g * 7, gen_random_uuid(), md5(g::text), g % 100, g, g % 5,"
+                f" now() - g * interval '1 min' FROM generate_series(1, {rows}) g"
+            )
+        for position, definition in enumerate(TAIL_INDEXES):
+            conn.execute(f"CREATE INDEX {name}_i{position} ON {name} {definition}")
+        conn.execute(f"ANALYZE {name}")
+
+
+def index_bytes(conn: psycopg.Connection[Any], like: str = "%") -> int:
+    row = conn.execute(
+        "SELECT coalesce(sum(pg_relation_size(i.indexrelid)), 0)::bigint AS s FROM pg_index i"
+        " JOIN pg_class c ON c.oid = i.indrelid WHERE c.relnamespace = 'public'::regnamespace AND c.relname LIKE %s",
+        (like,),
+    ).fetchone()
+    assert row is not None
+    return int(row["s"])
+
+
+def build_cost_corpus(cluster: LocalCluster, gb: float, indexes: int, big_tables: int, keep_free_gb: float,
+                      ) -> dict[str, Any]:
+    """Fill the cluster up to ~gb GB of indexes and >= `indexes` indexes; returns what was built."""
+    started = time.perf_counter()
+    conn = connect(cluster)
+    have = conn.execute(
+        "SELECT count(*) AS n FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid"
+        " WHERE c.relnamespace = 'public'::regnamespace").fetchone()["n"]  # type: ignore[index]
+    before = index_bytes(conn)
+
+    # calibration: index and heap bytes per row of one large table
+    big_table(cluster, "calibration", CALIBRATION_ROWS)
+    per_row_index = index_bytes(conn, "calibration") / CALIBRATION_ROWS
+    per_row_heap = conn.execute("SELECT pg_table_size('calibration') AS s").fetchone()["s"] / CALIBRATION_ROWS  # type: ignore[index]
+    conn.execute("DROP TABLE calibration")
+
+    tail_count = max(0, math.ceil((indexes - have - big_tables * len(BIG_INDEXES)) / (1 + len(TAIL_INDEXES))))
+    rng = random.Random(7)
+    low, high = math.log(TAIL_ROWS[0]), math.log(TAIL_ROWS[1])
+    tail_rows = [round(math.exp(rng.uniform(low, high))) for _ in range(tail_count)]
+    tail_estimate = sum(tail_rows) * 330  # ~330 index bytes per row over the 8 tail indexes
+    rows = max(CALIBRATION_ROWS, int((gb * 2**30 - before - tail_estimate) / (big_tables * per_row_index)))
+    need = big_tables * rows * (per_row_index + per_row_heap) + sum(tail_rows) * 450
+    free = shutil.disk_usage(cluster.root_dir).free
+    print(f"cost corpus: {big_tables} tables x {rows:,} rows x {len(BIG_INDEXES)} indexes"
+          f" (~{per_row_index:.0f} index + {per_row_heap:.0f} table bytes per row) and {tail_count} tables of"
+          f" {TAIL_ROWS[0]:,}-{TAIL_ROWS[1]:,} rows x {1 + len(TAIL_INDEXES)} indexes: needs ~{need / 2**30:.1f} GB,"
+          f" {free / 2**30:.1f} GB free", flush=True)
+    if free - need < keep_free_gb * 2**30:
+        raise SystemExit(f"not enough disk: {free / 2**30:.1f} GB free, the corpus needs ~{need / 2**30:.1f} GB"
+                         f" and {keep_free_gb:.0f} GB must stay free (--keep-free-gb); lower --cost-corpus-gb")
+    with ThreadPoolExecutor(max_workers=2) as pool:  # two builders: the machine has 2 cores
+        jobs = [pool.submit(big_table, cluster, f"big_{n}", rows) for n in range(big_tables)]
+        jobs += [pool.submit(tail_table, cluster, f"tail_{n}", r) for n, r in enumerate(tail_rows)]
+        for job in jobs:
+            job.result()
+    sizes = [r["s"] for r in conn.execute(
+        "SELECT pg_relation_size(i.indexrelid) AS s FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid"
+        " WHERE c.relnamespace = 'public'::regnamespace ORDER BY 1").fetchall()]
+    tables = conn.execute(
+        "SELECT sum(pg_table_size(c.oid))::bigint AS s FROM pg_class c"
+        " WHERE c.relnamespace = 'public'::regnamespace AND c.relkind = 'r'").fetchone()["s"]  # type: ignore[index]
+    big_bytes = index_bytes(conn, "big\\_%")
+    conn.close()
+    return {"seconds": time.perf_counter() - started, "big_tables": big_tables, "rows": rows,
+            "big_indexes": big_tables * len(BIG_INDEXES), "big_bytes": big_bytes,
+            "tail_tables": tail_count, "tail_indexes": tail_count * (1 + len(TAIL_INDEXES)),
+            "sizes": sizes, "table_bytes": tables}
+
+
+def census(conn: psycopg.Connection[Any], names: list[str]) -> tuple[float, int]:
+    """pgstatindex() of every index, one call each (what confirm does per candidate): seconds, bytes read."""
+    started = time.perf_counter()
+    read = 0
+    for name in names:
+        read += conn.execute("SELECT index_size FROM pgstatindex(%s)", (name,)).fetchone()["index_size"]  # type: ignore[index]
+    return time.perf_counter() - started, read
+
+
+def public_indexes(conn: psycopg.Connection[Any]) -> list[str]:
+    return [r["name"] for r in conn.execute(
+        "SELECT c.oid::regclass::text AS name FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid"
+        " WHERE c.relnamespace = 'public'::regnamespace").fetchall()]
+
+
+def index_files(conn: psycopg.Connection[Any], data_dir: Path) -> list[Path]:
+    """Every segment and fork file of the public indexes."""
+    bases = [data_dir / r["p"] for r in conn.execute(
+        "SELECT pg_relation_filepath(i.indexrelid) AS p FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid"
+        " WHERE c.relnamespace = 'public'::regnamespace").fetchall()]
+    by_dir: dict[Path, set[str]] = defaultdict(set)
+    for base in bases:
+        by_dir[base.parent].add(base.name)
+    files = []
+    for directory, names in by_dir.items():
+        for entry in os.listdir(directory):
+            match = re.fullmatch(r"(\d+)(?:\.\d+|_[a-z]+)?", entry)
+            if match and match.group(1) in names:
+                files.append(directory / entry)
+    return files
+
+
+def resident_bytes(files: list[Path]) -> int | None:
+    """Bytes of `files` in the OS page cache (util-linux fincore), None without fincore."""
+    if shutil.which("fincore") is None:
+        return None
+    total = 0
+    for start in range(0, len(files), 500):
+        out = subprocess.run(["fincore", "--bytes", "--noheadings", "--raw", "--output", "RES",
+                              *map(str, files[start:start + 500])], capture_output=True, text=True, check=True).stdout
+        total += sum(int(line) for line in out.split())
+    return total
+
+
+def evict(directory: Path) -> None:
+    """Drop every file under `directory` from the OS page cache (written back first: fsync is off)."""
+    os.sync()
+    for dirpath, _, filenames in os.walk(directory):
+        for name in filenames:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
+def restart(cluster: LocalCluster) -> None:
+    """Restart the server: shared_buffers start empty."""
+    rc, out = cluster._pg_ctl("restart", "-m", "fast", "-l", cluster.log_path, "-t", "300",
+                              "-o", f"-p {cluster.port}")
+    if rc != 0:
+        raise SystemExit(f"restart failed: {out}")
+
+
+def cost_round(cluster: LocalCluster) -> dict[str, Any]:
+    """Cold (restart + page cache evicted) then warm: estimator and census over every index."""
+    load_before = os.getloadavg()
+    restart(cluster)
+    evict(cluster.data_dir / "base")  # the whole database: catalogs, tables and indexes
+    with connect(cluster) as conn:
+        files = index_files(conn, cluster.data_dir)  # reads the catalog only
+        names = public_indexes(conn)
+        cached_cold = resident_bytes(files)
+        # the estimator right after the restart: catalog caches empty, catalog files not in memory
+        estimator_cold = run_estimator(conn)[1]
+        census_cold, read = census(conn, names)
+        # warm: two more passes (a page read twice is promoted in the page cache and more of it stays); the faster
+        warm = []
+        for _ in range(2):
+            cached = resident_bytes(files)
+            warm.append((census(conn, names)[0], cached))
+        census_warm, cached_warm = min(warm, key=lambda pass_: pass_[0])
+        estimator_warm = [run_estimator(conn)[1] for _ in range(5)]
+    return {"load": (load_before, os.getloadavg()), "estimator_cold": estimator_cold,
+            "estimator_warm": statistics.median(estimator_warm), "census_cold": census_cold,
+            "census_warm": census_warm, "read": read, "cached_cold": cached_cold, "cached_warm": cached_warm,
+            "indexes": len(names)}
+
+
+def report_cost(built: dict[str, Any], rounds: list[dict[str, Any]]) -> None:
+    sizes = built["sizes"]
+    total = sum(sizes)
+    mb = total / 2**20
+    print(f"\ncost corpus: {len(sizes)} indexes, {total / 2**30:.1f} GB of indexes (+ {built['table_bytes'] / 2**30:.1f} GB"
+          f" of tables), built in {built['seconds']:.0f}s: {built['big_indexes']} indexes on {built['big_tables']} tables"
+          f" of {built['rows']:,} rows ({built['big_bytes'] / 2**30:.1f} GB, {built['big_bytes'] / built['big_indexes'] / 2**20:.0f} MB"
+          f" each on average), {built['tail_indexes']} on {built['tail_tables']} tables of {TAIL_ROWS[0]:,}-{TAIL_ROWS[1]:,} rows,"
+          " the rest the accuracy corpus")
+    quantiles = statistics.quantiles(sizes, n=100)
+    print(f"index sizes: median {quantiles[49] / 2**20:.1f} MB, p90 {quantiles[89] / 2**20:.1f} MB,"
+          f" max {sizes[-1] / 2**20:.0f} MB, mean {total / len(sizes) / 2**20:.1f} MB")
+    print(f"\n{'round':<6} {'load avg':>11} {'estimator cold':>14} {'warm':>7} {'census cold':>11} {'cached':>7}"
+          f" {'warm':>7} {'cached':>7} {'cold/cold':>9} {'warm/warm':>9}")
+
+    def share(cached: int | None) -> str:
+        return "n/a" if cached is None else f"{cached / total:.0%}"
+
+    for number, r in enumerate(rounds, 1):
+        load = f"{r['load'][0][0]:.2f}-{r['load'][1][0]:.2f}"
+        print(f"{number:<6} {load:>11} {r['estimator_cold'] * 1000:>11.0f} ms {r['estimator_warm'] * 1000:>4.0f} ms"
+              f" {r['census_cold']:>9.1f} s {share(r['cached_cold']):>7} {r['census_warm']:>5.1f} s"
+              f" {share(r['cached_warm']):>7} {r['census_cold'] / r['estimator_cold']:>8.0f}x"
+              f" {r['census_warm'] / r['estimator_warm']:>8.0f}x")
+    n = rounds[0]["indexes"]
+    est_warm = max(r["estimator_warm"] for r in rounds)
+    est_cold = max(r["estimator_cold"] for r in rounds)
+    cold = min(r["census_cold"] for r in rounds)
+    warm = min(r["census_warm"] for r in rounds)
+    print(f"\nper index: estimator {est_warm / n * 1000:.2f} ms warm, {est_cold / n * 1000:.2f} ms cold;"
+          f" census {warm / n * 1000:.1f} ms warm, {cold / n * 1000:.1f} ms cold (mean index {mb / n:.1f} MB)")
+    print(f"per MB of index: census {warm / mb * 1000:.2f} ms warm ({mb / warm:.0f} MB/s),"
+          f" {cold / mb * 1000:.2f} ms cold ({mb / cold:.0f} MB/s); estimator {est_warm / mb * 1000:.4f} ms")
+    worst_warm = min(r["census_warm"] / r["estimator_warm"] for r in rounds)
+    worst_cold = min(r["census_cold"] / r["estimator_cold"] for r in rounds)
+    met = est_warm < 1 and est_cold < 1 and min(worst_warm, worst_cold) >= 50
+    print(f"goal (estimator < 1 s, >= 50x cheaper than the census): estimator {est_warm:.2f} s warm,"
+          f" {est_cold:.2f} s cold; worst ratio {worst_cold:.0f}x cold, {worst_warm:.0f}x warm: {'met' if met else 'NOT met'}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, default=250_000, help="rows per corpus table (default 250000)")
     parser.add_argument("--indexes", type=int, default=2000, help="indexes for the timing (default 2000)")
+    parser.add_argument("--cost-corpus-gb", type=float, default=0,
+                        help="time over a production-like corpus of this many GB of indexes, cold and warm (default:"
+                             " ~100 kB fillers in memory)")
+    parser.add_argument("--big-tables", type=int, default=4, help="large tables of the cost corpus (default 4)")
+    parser.add_argument("--rounds", type=int, default=2, help="cold+warm timing rounds of the cost corpus (default 2)")
+    parser.add_argument("--keep-free-gb", type=float, default=25, help="refuse a cost corpus leaving less disk free")
     args = parser.parse_args()
     kind = embedded_kind()
     if kind is None:
@@ -168,6 +466,9 @@ def main() -> int:
         return 2
     wall = time.perf_counter()
     settings = {"autovacuum": "off", "shared_buffers": "256MB", "max_wal_size": "4GB", "maintenance_work_mem": "256MB"}
+    if args.cost_corpus_gb:
+        # index builds in a table's own transaction skip WAL (fsync is already off: a throwaway cluster)
+        settings |= {"wal_level": "minimal", "max_wal_senders": "0"}
     with LocalCluster(kind, settings=settings) as cluster:
         conn = psycopg.connect(cluster.dsn(), autocommit=True, row_factory=dict_row)  # type: ignore[arg-type]
         conn.execute("CREATE EXTENSION pgstattuple")
@@ -183,7 +484,7 @@ def main() -> int:
             if statement:
                 conn.execute(statement.format(t=table, rows=args.rows, half=args.rows // 2))
             settle(conn, table)
-        built = time.perf_counter() - wall
+        built_seconds = time.perf_counter() - wall
 
         # -- estimate vs truth ---------------------------------------------------------------
         rows, _ = run_estimator(conn)
@@ -200,6 +501,18 @@ def main() -> int:
             after = conn.execute("SELECT pg_relation_size(%s) AS s", (result["index"],)).fetchone()["s"]  # type: ignore[index]
             result["rebuild"] = max(0.0, 1 - after / result["size"])
 
+        if args.cost_corpus_gb:
+            conn.close()
+            built = build_cost_corpus(cluster, args.cost_corpus_gb, args.indexes, args.big_tables, args.keep_free_gb)
+            rounds = []
+            for number in range(1, args.rounds + 1):
+                print(f"[{time.perf_counter() - wall:.0f}s] cost corpus built; timing round {number}", flush=True)
+                rounds.append(cost_round(cluster))
+            report(results, version, args, built_seconds, None, time.perf_counter() - wall)
+            report_cost(built, rounds)
+            print(f"total bench time {time.perf_counter() - wall:.0f}s")
+            return 0
+
         # -- timing over N indexes ------------------------------------------------------------
         have = len(corpus)
         filler_tables(conn, max(0, (args.indexes - have + 7) // 8))
@@ -208,22 +521,16 @@ def main() -> int:
             " WHERE c.relnamespace = 'public'::regnamespace"
         ).fetchone()["n"]  # type: ignore[index]
         timings = [run_estimator(conn)[1] for _ in range(5)]
-        index_names = [r["name"] for r in conn.execute(
-            "SELECT c.oid::regclass::text AS name FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid"
-            " WHERE c.relnamespace = 'public'::regnamespace").fetchall()]
-        started = time.perf_counter()
-        read = 0
-        for name in index_names:
-            read += conn.execute("SELECT index_size FROM pgstatindex(%s)", (name,)).fetchone()["index_size"]  # type: ignore[index]
-        census = time.perf_counter() - started
+        census_seconds, read = census(conn, public_indexes(conn))
         conn.close()
 
-    report(results, version, args, built, timings, census, total_indexes, read, time.perf_counter() - wall)
+    report(results, version, args, built_seconds, (timings, census_seconds, total_indexes, read),
+           time.perf_counter() - wall)
     return 0
 
 
 def report(results: list[dict[str, Any]], version: str, args: argparse.Namespace, built: float,
-           timings: list[float], census: float, total_indexes: int, read: int, wall: float) -> None:
+           timing: tuple[list[float], float, int, int] | None, wall: float) -> None:
     print(f"PostgreSQL {version}; {len(results)} corpus indexes ({len(SHAPES)} shapes x {len(CHURNS)} churn patterns,"
           f" {args.rows} rows per table), built in {built:.0f}s\n")
     print("Errors in percentage points (estimate - truth); truth = pgstatindex (1 - density/ff, with empty and"
@@ -271,16 +578,19 @@ def report(results: list[dict[str, Any]], version: str, args: argparse.Namespace
     print(f"truths compared: |pgstatindex - rebuild| MAE {pgstat_vs_rebuild:.1f} pp"
           f" (plain 1 - density/ff: {simple_vs_rebuild:.1f} pp)")
 
+    if timing is None:
+        return
+    timings, census_seconds, total_indexes, read = timing
     estimator = statistics.median(timings)
     print(f"\ntiming over {total_indexes} indexes: estimator (discover, confirm off) median {estimator * 1000:.0f} ms"
-          f" of {len(timings)} runs; pgstatindex census {census:.2f} s reading {read / 2**20:.0f} MB;"
-          f" ratio {census / estimator:.0f}x")
+          f" of {len(timings)} runs; pgstatindex census {census_seconds:.2f} s reading {read / 2**20:.0f} MB;"
+          f" ratio {census_seconds / estimator:.0f}x")
     # pgstatindex reads every page: its cost grows with the bytes read, the estimator's does not.
-    per_mb = census / max(read / 2**20, 1)
+    per_mb = census_seconds / max(read / 2**20, 1)
     break_even = 50 * estimator / per_mb / total_indexes
-    print(f"census cost here: {per_mb * 1000:.2f} ms per MB read (pages already in memory); the estimator is 50x"
-          f" cheaper once the {total_indexes} indexes average {break_even:.1f} MB (in-memory reads; disk reads are"
-          " slower still)")
+    print(f"census cost here: {per_mb * 1000:.2f} ms per MB read (pages already in memory); at that rate the"
+          f" estimator would be 50x cheaper once the {total_indexes} indexes average {break_even:.1f} MB"
+          " (--cost-corpus-gb measures it)")
     print(f"total bench time {wall:.0f}s")
 
 

@@ -14,7 +14,8 @@ from typing import Any
 import psycopg
 import pytest
 
-from tests.conftest import Database, Workspace
+from maintainer.pgserver import LocalCluster, ServerKind, available_kinds
+from tests.conftest import Database, Server, Workspace
 
 ROWS = 60_000  # the primary key is ~1.3 MB, above the 1 MB "tiny" limit; the md5 index ~3.3 MB
 
@@ -259,6 +260,56 @@ def test_a_rebuild_in_progress_elsewhere_is_left_alone(workspace: Workspace, db:
     assert "another session holds a lock on it" in found["public.churned_code_ccnew"]["reason"]
     assert found["public.churned_pkey"]["decision"] == "skip"
     assert found["public.churned_pkey"]["reason"] == "another index build is running on the table"
+
+
+@pytest.mark.parametrize("kind", available_kinds(), ids=lambda kind: kind.name)
+def test_a_table_under_an_anti_wraparound_autovacuum_is_skipped(tmp_path: Path, kind: ServerKind) -> None:
+    # A real anti-wraparound autovacuum: a cluster of its own whose launcher looks every second, a table
+    # whose freeze age limit is the smallest allowed (100,000 transactions, burnt in well under a second)
+    # and whose vacuum is throttled to a crawl (a minute or more for its 500 pages), so it is still
+    # running when the unit looks. Autovacuum disabled on the table does not stop a vacuum against
+    # wraparound; freeze_table_age 0 makes it scan every page (before 16 it would otherwise skip the
+    # all-visible ones and be over within a second).
+    with LocalCluster(kind, settings={"autovacuum_naptime": "1s"}) as cluster:
+        db = Database(Server(kind.name, cluster.dsn(), kind.version_num), "postgres", cluster.dsn())
+        db.run_script(
+            "CREATE TABLE frozen (id int PRIMARY KEY, code text NOT NULL) WITH (autovacuum_enabled = false,"
+            " autovacuum_freeze_max_age = 100000, autovacuum_freeze_table_age = 0, autovacuum_vacuum_cost_delay = 100,"
+            " autovacuum_vacuum_cost_limit = 1);"
+            f"INSERT INTO frozen SELECT g, md5(g::text) FROM generate_series(1, {ROWS}) g;"
+            "CREATE INDEX frozen_code ON frozen (code);"
+            "DELETE FROM frozen WHERE id % 3 <> 0;"
+            "CREATE PROCEDURE burn(n int) LANGUAGE plpgsql AS"
+            " $$BEGIN FOR i IN 1..n LOOP PERFORM pg_current_xact_id(); COMMIT; END LOOP; END$$;"
+        )
+        settle(db, "frozen")  # bloated, analyzed, and still older than the next 100,000 transactions
+        make_table(db, "churned", churn=True)  # equally bloated, no vacuum: rebuilt
+        db.execute("CALL burn(110000)")
+        vacuuming = ("SELECT a.query FROM pg_stat_progress_vacuum v JOIN pg_stat_activity a ON a.pid = v.pid"
+                     " WHERE v.relid = 'frozen'::regclass")
+        deadline = time.monotonic() + 30
+        while not (activity := db.execute(vacuuming)):
+            assert time.monotonic() < deadline, "no anti-wraparound autovacuum started"
+            time.sleep(0.1)
+        assert "(to prevent wraparound)" in activity[0][0]
+        (tmp_path / "jobs").mkdir()
+        (tmp_path / "templates").mkdir()
+        workspace = Workspace(tmp_path, db.dsn)
+        workspace.write_config()
+        workspace.job("reindex", unit="reindex", params={"min_wasted": "256kB", "max_indexes": 5})
+
+        result = run(workspace, "reindex")
+        assert db.execute(vacuuming), "the vacuum ended during the run: the test proves nothing"
+    assert result["status"] == "ok", result["error"]
+    found = by_index(result)
+    for name in ("public.frozen_pkey", "public.frozen_code"):
+        assert found[name]["estimated_bloat"] > 0.5  # a candidate, were it not for the vacuum
+        assert found[name]["decision"] == "skip"
+        assert found[name]["reason"] == "an anti-wraparound autovacuum is running on the table"
+    assert sorted(a["sql"] for a in result["actions"]) == [
+        'REINDEX INDEX CONCURRENTLY "public"."churned_code"',
+        'REINDEX INDEX CONCURRENTLY "public"."churned_pkey"',
+    ]
 
 
 def test_a_run_killed_mid_rebuild_is_completed_by_the_next(workspace: Workspace, db: Database) -> None:
