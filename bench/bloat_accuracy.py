@@ -56,7 +56,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from maintainer.pgserver import LocalCluster, embedded_kind  # noqa: E402
-from maintainer.units import parse_unit, split_statements  # noqa: E402
+from maintainer.runner import render_select  # noqa: E402
+from maintainer.units import parse_unit  # noqa: E402
 
 # shape name -> index definition on the corpus table (columns below)
 SHAPES: dict[str, str] = {
@@ -138,8 +139,7 @@ def run_estimator(conn: psycopg.Connection[Any], confirm: bool = False) -> tuple
         "params": params, "target": "bench", "job": "bench", "state_schema": "maintainer", "ledger_exists": False,
         "extensions": extensions, "now": dt.datetime.now(dt.UTC), "args": {}, "dry_run": True, "prev": None, "row": {},
     }
-    text, values = unit.render_block("discover", context)
-    (statement,) = split_statements(text, values)
+    statement = render_select(unit, "discover", context)
     started = time.perf_counter()
     with psycopg.RawCursor(conn, row_factory=dict_row) as cur:
         cur.execute(statement.sql, statement.params)
@@ -568,7 +568,7 @@ def report(results: list[dict[str, Any]], version: str, args: argparse.Namespace
     fp20 = [r for r in fresh if (r["estimate"] or 0) >= 0.20]
     worst = max(fresh, key=lambda r: r["estimate"] or 0)
     print(f"\nfalse positives on fresh indexes: {len(fp30)} of {len(fresh)} at min_bloat 0.30, {len(fp20)} at 0.20"
-          f" (highest estimate on a fresh index: {worst['estimate']:.1%}, {worst['shape']})")
+          f" (highest estimate on a fresh index: {worst['estimate'] or 0:.1%}, {worst['shape']})")
     uncovered = [r for r in results if r["estimate"] is None]
     print(f"coverage: {len(covered_all)}/{len(results)} estimated"
           + (": unavailable for " + ", ".join(sorted({f"{r['shape']} ({r['note']})" for r in uncovered}))

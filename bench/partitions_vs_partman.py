@@ -46,9 +46,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from maintainer.ledger import Ledger
 from maintainer.pgserver import LocalCluster, system15_kind
 from maintainer.project import RunSpec, load_project
-from maintainer.runner import RunOptions, Session, run_all, survey_items
+from maintainer.runner import RunOptions, Session, render_select, run_all, survey_items
 from maintainer.scheduler import ran_since
-from maintainer.units import builtin_templates_dir, parse_unit, split_statements
+from maintainer.units import builtin_templates_dir, parse_unit
 
 PARTMAN_CONTROL = Path("/usr/share/postgresql/15/extension/pg_partman.control")
 
@@ -155,8 +155,7 @@ def discovery_seconds(dsn: str, table: str, repeat: int) -> tuple[float, int]:
                                        "prev": None, "dry_run": True, "target": "bench", "job": "partitions"}
             started = time.perf_counter()
             for block in ("prepare", "discover"):
-                text, binds = unit.render_block(block, context)
-                [statement] = split_statements(text, binds)
+                statement = render_select(unit, block, context)
                 with psycopg.RawCursor(conn, row_factory=psycopg.rows.dict_row) as cur:
                     cur.execute(statement.sql, statement.params or None)
                     result = cur.fetchall()

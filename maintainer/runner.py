@@ -29,7 +29,7 @@ from maintainer.ledger import IdleRun, Ledger
 from maintainer.project import RunSpec
 from maintainer.render import ArgValue, RenderError
 from maintainer.results import Action, RunResult, Status, json_safe
-from maintainer.units import Statement, UnitError, split_statements
+from maintainer.units import Statement, Unit, UnitError, split_statements
 from maintainer.values import QualifiedName
 
 log = logging.getLogger("maintainer")
@@ -155,6 +155,29 @@ class Session:
         return self.conn
 
 
+def render_statements(unit: Unit, block: str, context: Mapping[str, Any]) -> list[Statement]:
+    """A block rendered and split into statements; only `apply` and `after` may render none."""
+    text, values = unit.render_block(block, context)
+    statements = split_statements(text, values, where=f"{unit.path.name} ({block}): ")
+    if not statements and block not in ("apply", "after"):
+        raise RunFailed(f"{unit.path.name}: {block} rendered no statement")
+    return statements
+
+
+def render_select(unit: Unit, block: str, context: Mapping[str, Any]) -> Statement:
+    """A block that must be exactly one SELECT (survey, prepare, discover, verify, report)."""
+    statements = render_statements(unit, block, context)
+    if len(statements) != 1:
+        raise RunFailed(f"{unit.path.name}: {block} must be exactly one SELECT")
+    return statements[0]
+
+
+def timeouts_of(spec: RunSpec) -> tuple[dt.timedelta, dt.timedelta]:
+    """(lock_timeout, statement_timeout): the job's own, else the configuration's defaults."""
+    defaults = spec.settings.defaults
+    return spec.job.timeouts.lock or defaults.lock_timeout, spec.job.timeouts.statement or defaults.statement_timeout
+
+
 def run_all(
     specs: list[RunSpec],
     options: Callable[[RunSpec], RunOptions] | RunOptions,
@@ -254,12 +277,8 @@ def survey_items(specs: list[RunSpec], options: RunOptions) -> dict[int, dict[st
         conn = options.session.work_connection(first, on_connect=options.on_connect)
         if db.is_in_recovery(conn):
             return {}
-        defaults = first.settings.defaults
-        db.set_timeouts(
-            conn,
-            lock_timeout=first.job.timeouts.lock or defaults.lock_timeout,
-            statement_timeout=first.job.timeouts.statement or defaults.statement_timeout,
-        )
+        lock_timeout, statement_timeout = timeouts_of(first)
+        db.set_timeouts(conn, lock_timeout=lock_timeout, statement_timeout=statement_timeout)
         context = {
             "items": [{"index": i, "params": s.params, "item": s.item_label} for i, s in enumerate(specs)],
             "target": first.target_name,
@@ -269,11 +288,8 @@ def survey_items(specs: list[RunSpec], options: RunOptions) -> dict[int, dict[st
             "args": options.args,
             "dry_run": options.dry_run,
         }
-        text, values = unit.render_block("survey", context)
-        statements = split_statements(text, values, where=f"{unit.path.name} (survey): ")
-        if len(statements) != 1:
-            raise UnitError(f"{unit.path.name}: survey must be exactly one SELECT")
-        rows = db.query(conn, statements[0].sql, statements[0].params, read_only=True)
+        statement = render_select(unit, "survey", context)
+        rows = db.query(conn, statement.sql, statement.params, read_only=True)
     except (RunFailed, RenderError, UnitError, db.TargetUnavailable, psycopg.Error) as exc:
         problem = db.error_summary(exc, sensitive=unit.meta.sensitive) if isinstance(exc, psycopg.Error) else exc
         log.warning(
@@ -317,9 +333,7 @@ class _Run:
             trigger=options.trigger,
             display=spec.unit.meta.display,
         )
-        defaults = spec.settings.defaults
-        self.lock_timeout = spec.job.timeouts.lock or defaults.lock_timeout
-        self.statement_timeout = spec.job.timeouts.statement or defaults.statement_timeout
+        self.lock_timeout, self.statement_timeout = timeouts_of(spec)
         self.lock_key = db.advisory_key(spec.job.name, spec.target_name, spec.item_label or "")
         self.conn: psycopg.Connection[Any] | None = None
         self.ledger: Ledger | None = None
@@ -455,14 +469,15 @@ class _Run:
         table fails when parsed): installed extensions, and whether the ledger tables exist yet
         (a dry run on a target that never ran a job has none)."""
         assert self.conn is not None
-        row = self.conn.execute(
-            "SELECT (SELECT coalesce(json_object_agg(e.extname, json_build_object('schema', n.nspname,"
-            " 'version', e.extversion)), '{}') FROM pg_extension e JOIN pg_namespace n ON n.oid = e.extnamespace)"
-            " AS extensions, to_regclass(%s) IS NOT NULL AS ledger_exists",
-            (db.quote_ident(self.spec.settings.state_schema, "finding"),),
-        ).fetchone()
-        assert row is not None
-        return {"extensions": row["extensions"], "ledger_exists": row["ledger_exists"]}
+        extensions = {
+            row["extname"]: {"schema": row["nspname"], "version": row["extversion"]}
+            for row in self.conn.execute(
+                "SELECT e.extname, n.nspname, e.extversion FROM pg_extension e"
+                " JOIN pg_namespace n ON n.oid = e.extnamespace"
+            ).fetchall()
+        }
+        ledger_exists = db.relation_exists(self.conn, self.spec.settings.state_schema, "finding")
+        return {"extensions": extensions, "ledger_exists": ledger_exists}
 
     def _resolve_tables(self) -> None:
         """Every `table` param must name an existing relation: fail clearly before doing anything."""
@@ -479,20 +494,13 @@ class _Run:
         it must read directly, e.g. a partition found in the catalog (emitted through `ident`)."""
         if not self.unit.has_block("prepare"):
             return {}
-        statements = self._render("prepare", context)
-        if len(statements) != 1:
-            raise RunFailed(f"{self.unit.path.name}: prepare must be exactly one SELECT")
-        rows = self._query(statements[0], read_only=self.opts.dry_run)
+        rows = self._query(render_select(self.unit, "prepare", context), read_only=self.opts.dry_run)
         return rows[0] if rows else {}
 
     def _discover(self, context: dict[str, Any]) -> list[dict[str, Any]]:
         if not self.unit.has_block("discover"):
             return [{}] if self.unit.has_block("apply") else []
-        statements = self._render("discover", context)
-        if len(statements) != 1:
-            raise RunFailed(f"{self.unit.path.name}: discover must be exactly one SELECT")
-        rows = self._query(statements[0], read_only=self.opts.dry_run)
-        return rows
+        return self._query(render_select(self.unit, "discover", context), read_only=self.opts.dry_run)
 
     def _apply(self, context: dict[str, Any], step_rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         outcomes: list[dict[str, Any]] = []
@@ -583,8 +591,7 @@ class _Run:
     def _verify(self, context: dict[str, Any]) -> None:
         if self.opts.dry_run or not self.unit.has_block("verify") or self.result.status == "failed":
             return
-        statements = self._render("verify", context)
-        failures = self._query(statements[0], read_only=False)
+        failures = self._query(render_select(self.unit, "verify", context), read_only=False)
         if failures:
             self.result.status = "failed"
             self.result.error = f"verify: {len(failures)} check(s) failed"
@@ -596,17 +603,12 @@ class _Run:
         if not self.unit.has_block("report"):
             return discovered if self.unit.has_block("discover") else []
         report_context = {**context, "discovered": discovered, "steps": outcomes}
-        statements = self._render("report", report_context)
-        return self._query(statements[0], read_only=self.opts.dry_run)
+        return self._query(render_select(self.unit, "report", report_context), read_only=self.opts.dry_run)
 
     # -- statements -----------------------------------------------------------------------------
 
     def _render(self, block: str, context: Mapping[str, Any]) -> list[Statement]:
-        text, values = self.unit.render_block(block, context)
-        statements = split_statements(text, values, where=f"{self.unit.path.name} ({block}): ")
-        if not statements and block not in ("apply", "after"):
-            raise RunFailed(f"{self.unit.path.name}: {block} rendered no statement")
-        return statements
+        return render_statements(self.unit, block, context)
 
     def _query(self, statement: Statement, *, read_only: bool) -> list[dict[str, Any]]:
         assert self.conn is not None
