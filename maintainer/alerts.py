@@ -285,8 +285,8 @@ class FindingAlerts:
 
     def due(self, unit: Unit, job: str, target: str, findings: Sequence[Mapping[str, Any]]) -> list[FindingAlert]:
         spec = unit.meta.alerts or {}
-        level_field = spec.get("level")
-        if not isinstance(level_field, str):
+        level_field = unit.level_field
+        if level_field is None:
             return []
         key_fields = [str(k) for k in spec.get("key") or []]
         shown = [level_field, *key_fields, *(str(m.get("value")) for m in unit.meta.metrics.values())]

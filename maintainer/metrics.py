@@ -61,8 +61,8 @@ def finding_samples(unit: Unit, job: str, target: str, findings: Sequence[Mappin
             if value is None:
                 continue  # unknown is not zero: no sample beats a misleading one
             samples.append(Sample(name, labelnames, (target, *(_label(finding.get(label)) for label in labels)), value))
-    level_field = (unit.meta.alerts or {}).get("level")
-    if isinstance(level_field, str):
+    level_field = unit.level_field
+    if level_field is not None:
         counts: dict[str, int] = {}
         for finding in findings:
             level = finding.get(level_field)

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from maintainer.config import ConfigError, Job, Settings, Target, config_path, load_jobs, load_settings
+from maintainer.db import advisory_key
 from maintainer.render import ArgValue
 from maintainer.units import Unit, UnitError, load_units
 from maintainer.values import QualifiedName
@@ -28,6 +29,11 @@ class RunSpec:
     @property
     def item_label(self) -> str | None:
         return item_label(self.item)
+
+    @property
+    def lock_key(self) -> int:
+        """The session advisory lock of this (job, target, item), the same in every replica."""
+        return advisory_key(self.job.name, self.target_name, self.item_label or "")
 
 
 def item_label(item: dict[str, Any] | None) -> str | None:

@@ -151,15 +151,14 @@ def assemble(project: Project, runs: list[LatestRun], targets: dict[str, str]) -
 
 
 def _entry(unit: Unit, run: LatestRun, finding: Mapping[str, Any]) -> dict[str, Any]:
-    alerts = unit.meta.alerts or {}
-    level_field = alerts.get("level")
-    level = finding.get(level_field) if isinstance(level_field, str) else None
+    level_field = unit.level_field
+    level = finding.get(level_field) if level_field else None
     values = {
         str(m.get("value")): finding.get(str(m.get("value")))
         for m in unit.meta.metrics.values()
         if m.get("value") in finding
     }
-    if alerts:
+    if unit.meta.alerts:
         message = finding_message(unit, finding)
     else:
         message = ", ".join(f"{k}={v}" for k, v in list(finding.items())[:3] if k != "action")

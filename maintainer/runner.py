@@ -34,6 +34,8 @@ from maintainer.values import QualifiedName
 
 log = logging.getLogger("maintainer")
 
+LOCK_HELD = "another runner holds the lock for this job, target and item"
+
 
 @dataclass
 class Progress:
@@ -228,8 +230,7 @@ def _settle(members: list[tuple[RunSpec, RunOptions]], found: dict[int, dict[str
     session = options.session
     assert session is not None and session.conn is not None
     indexes = sorted(found)
-    keys = [db.advisory_key(members[i][0].job.name, members[i][0].target_name, members[i][0].item_label or "")
-            for i in indexes]
+    keys = [members[i][0].lock_key for i in indexes]
     conn = session.conn
     settled: dict[int, Surveyed] = {}
     try:
@@ -241,7 +242,7 @@ def _settle(members: list[tuple[RunSpec, RunOptions]], found: dict[int, dict[str
                 spec, opts = members[index]
                 reason = None
                 if not locked:
-                    reason = "another runner holds the lock for this job, target and item"
+                    reason = LOCK_HELD
                 elif opts.on_locked is not None:
                     reason = opts.on_locked(ledger)
                 settled[index] = Surveyed(found[index], "skipped" if reason else "ok", reason)
@@ -249,7 +250,7 @@ def _settle(members: list[tuple[RunSpec, RunOptions]], found: dict[int, dict[str
                     job=spec.job.name, unit=spec.unit.name, target=spec.target_name, item=spec.item_label,
                     lock_key=key, trigger=opts.trigger, params=json_safe(_loggable(spec.params)),
                     status=settled[index].status, reason=reason, finding=found[index] if not reason else None,
-                    level_field=(spec.unit.meta.alerts or {}).get("level"),
+                    level_field=spec.unit.level_field,
                 ))
             for index, run_id in zip(indexes, ledger.record_idle_runs(records), strict=True):
                 settled[index].run_id = run_id
@@ -334,7 +335,7 @@ class _Run:
             display=spec.unit.meta.display,
         )
         self.lock_timeout, self.statement_timeout = timeouts_of(spec)
-        self.lock_key = db.advisory_key(spec.job.name, spec.target_name, spec.item_label or "")
+        self.lock_key = spec.lock_key
         self.conn: psycopg.Connection[Any] | None = None
         self.ledger: Ledger | None = None
         self.locked = False
@@ -381,7 +382,7 @@ class _Run:
         if not self.opts.dry_run:
             self._open_ledger()
             if not db.try_advisory_lock(self.conn, self.lock_key):
-                self._skip("another runner holds the lock for this job, target and item")
+                self._skip(LOCK_HELD)
                 self._record_skip()
                 return
             self.locked = True
@@ -737,7 +738,6 @@ class _Run:
         if self.ledger is None or self.result.run_id is None:
             return
         try:
-            level_field = (self.unit.meta.alerts or {}).get("level")
             self.ledger.finish_run(
                 self.result.run_id,
                 status=self.result.status,
@@ -747,7 +747,7 @@ class _Run:
                 actions=[a.to_json() | {"attempts": a.attempts} for a in self.result.actions],
                 findings=self.result.findings,
                 summary=None,
-                level_field=level_field,
+                level_field=self.unit.level_field,
             )
             self.session.purge_once(self.ledger, self.spec)
         except psycopg.Error:

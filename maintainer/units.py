@@ -98,6 +98,12 @@ class Unit:
     def has_block(self, name: str) -> bool:
         return name in self.template.blocks
 
+    @property
+    def level_field(self) -> str | None:
+        """The finding field that carries a level (`alerts.level`), if the unit declares one."""
+        field_name = (self.meta.alerts or {}).get("level")
+        return field_name if isinstance(field_name, str) else None
+
     def validate_params(self, values: Mapping[str, Any], where: str) -> dict[str, Any]:
         """Typed params with defaults applied; raises `UnitError` naming `where` and the key."""
         problems = []
