@@ -20,7 +20,7 @@ databases of one throwaway cluster. Printed as ours / pg_partman:
 Needs pg_partman for PostgreSQL 15 (Debian: apt-get install postgresql-15-partman) and the
 PostgreSQL 15 binaries in /usr/lib/postgresql/15/bin.
 
-Usage: .venv/bin/python bench/partitions_vs_partman.py [--parents 200] [--partitions 10000] [--repeat 5]
+Usage: .venv/bin/python bench/partitions_vs_partman.py [--parents 200] [--partitions 10000 (0: skip c)] [--repeat 5]
                                                        [--cold-rounds 3]
                                                        [--partman-big]
 """
@@ -277,6 +277,11 @@ def main() -> int:
 
         progress(f"(b) ours {b_ours:.2f} s (as the daemon runs it {b_daemon:.2f} s), pg_partman {b_partman:.2f} s,"
                  f" engine floor without survey {floor:.2f} s")
+        admin.close()
+        if not args.partitions:  # --partitions 0: (a) and (b) only
+            partman.close()
+            ours_conn.close()
+            return report(args, cold, a_ours, a_partman, a_ratio, b_ours, b_partman, b_daemon, floor, None)
         # (c) discovery over 10,000 partitions of one parent
         build = timed(lambda: make_big(ours_conn, "big", args.partitions))
         progress(f"(c) {args.partitions} partitions built in {build:.0f} s")
@@ -296,10 +301,15 @@ def main() -> int:
             c_partman = statistics.median(
                 timed(lambda: partman.execute("SELECT partman.run_maintenance('public.big', p_jobmon := false)"))
                 for _ in range(args.repeat))
-        admin.close()
         partman.close()
         ours_conn.close()
+    return report(args, cold, a_ours, a_partman, a_ratio, b_ours, b_partman, b_daemon, floor,
+                  (c_discover, rows, c_survey, c_run, c_partman))
 
+
+def report(args: argparse.Namespace, cold: dict[str, list[float]], a_ours: float, a_partman: float, a_ratio: float,
+           b_ours: float, b_partman: float, b_daemon: float, floor: float,
+           big: tuple[float, int, float, float, float | None] | None) -> int:
     def line(label: str, mine: float, theirs: float, goal: str) -> None:
         print(f"{label:<58} ours {mine:8.3f} s   pg_partman {theirs:8.3f} s   ratio {mine / theirs:5.2f}x   goal {goal}")
 
@@ -310,6 +320,9 @@ def main() -> int:
     line("    the same pass as the daemon runs it (tick check per item)", b_daemon, b_partman, "<= 1.0x")
     print(f"    engine floor without a survey (a unit that finds nothing, same {args.parents} items, each a full"
           f" run): {floor:.3f} s")
+    if big is None:
+        return 0
+    c_discover, rows, c_survey, c_run, c_partman = big
     print(f"(c) discovery over {args.partitions} partitions (prepare + discover, {rows} row): "
           f"{c_discover * 1000:.0f} ms (goal < 1 s); the survey of that parent {c_survey * 1000:.0f} ms;"
           f" whole steady run of that item {c_run * 1000:.0f} ms"

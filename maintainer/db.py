@@ -122,10 +122,12 @@ def error_summary(exc: BaseException, *, sensitive: bool = False) -> str:
 
 
 def query(conn: psycopg.Connection[Any], text: str, params: list[Any], *, read_only: bool) -> list[dict[str, Any]]:
-    """One statement with `$n` parameters in its own transaction (READ ONLY when asked); its rows."""
+    """One statement with `$n` parameters, in a READ ONLY transaction when asked; its rows."""
     for attempt in (1, 2):
         try:
-            with conn.transaction():
+            # One statement is a transaction of its own: BEGIN and COMMIT are only worth their two
+            # round trips when the transaction must be READ ONLY.
+            with conn.transaction() if read_only else contextlib.nullcontext():
                 if read_only:
                     conn.execute("SET TRANSACTION READ ONLY")
                 with psycopg.RawCursor(conn, row_factory=dict_row) as cur:
@@ -148,9 +150,9 @@ _FORGETS_PLANS = re.compile(r"\A(?:\s+|--[^\n]*(?:\n|\Z)|/\*.*?\*/)*(?:ALTER|DRO
 
 
 @contextlib.contextmanager
-def keeping_plans(conn: psycopg.Connection[Any], statement: str) -> Iterator[None]:
-    """Run `statement` (inside the block) without psycopg dropping the session's prepared statements."""
-    if not _FORGETS_PLANS.match(statement):
+def keeping_plans(conn: psycopg.Connection[Any], *statements: str) -> Iterator[None]:
+    """Run `statements` (inside the block) without psycopg dropping the session's prepared statements."""
+    if not any(_FORGETS_PLANS.match(statement) for statement in statements):
         yield
         return
     threshold = conn.prepare_threshold
@@ -159,6 +161,15 @@ def keeping_plans(conn: psycopg.Connection[Any], statement: str) -> Iterator[Non
         yield
     finally:
         conn.prepare_threshold = threshold
+
+
+def rollback_failed_block(conn: psycopg.Connection[Any]) -> None:
+    """After an error inside an explicit BEGIN … COMMIT block: end the aborted transaction, so the
+    session is usable for a retry or the next step (a broken connection is left to the reconnect)."""
+    if conn.closed or conn.broken or conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE:
+        return
+    with contextlib.suppress(psycopg.Error):
+        conn.execute("ROLLBACK")
 
 
 def relation_exists(conn: psycopg.Connection[Any], *name: str) -> bool:

@@ -270,45 +270,41 @@ class Ledger:
         summary: dict[str, Any] | None,
         level_field: str | None,
     ) -> None:
-        with self.conn.transaction():
-            self.conn.execute(
-                sql.SQL(
-                    "UPDATE {}.run SET status = %s, finished_at = now(), attempts = %s, sqlstate = %s,"
-                    " error = %s, summary = %s WHERE id = %s"
-                ).format(self._s),
-                (status, attempts, sqlstate, error, to_jsonb(summary) if summary is not None else None, run_id),
-            )
-            with self.conn.cursor() as cur:
-                if actions:
-                    cur.executemany(
-                        sql.SQL(
-                            "INSERT INTO {}.action (run_id, seq, sql, status, rows, seconds, attempts, sqlstate)"
-                            " VALUES (%s, %s, %s, %s, %s, %s, %s, %s)"
-                        ).format(self._s),
-                        [
-                            (
-                                run_id,
-                                i,
-                                a["sql"],
-                                a["status"],
-                                a.get("rows"),
-                                a.get("seconds"),
-                                a.get("attempts", 1),
-                                a.get("sqlstate"),
-                            )
-                            for i, a in enumerate(actions, 1)
-                        ],
-                    )
-                if findings:
-                    cur.executemany(
-                        sql.SQL("INSERT INTO {}.finding (run_id, seq, level, data) VALUES (%s, %s, %s, %s)").format(
-                            self._s
-                        ),
-                        [
-                            (run_id, i, (f.get(level_field) if level_field else None), to_jsonb(f))
-                            for i, f in enumerate(findings, 1)
-                        ],
-                    )
+        # One statement, so one round trip and atomic without BEGIN/COMMIT: the run's outcome, its
+        # actions and its findings.
+        self.conn.execute(
+            sql.SQL(
+                "WITH finished AS ("
+                " UPDATE {s}.run SET status = %s, finished_at = now(), attempts = %s, sqlstate = %s,"
+                " error = %s, summary = %s WHERE id = %s RETURNING id),"
+                " actions AS ("
+                " INSERT INTO {s}.action (run_id, seq, sql, status, rows, seconds, attempts, sqlstate)"
+                " SELECT f.id, a.seq, a.sql, a.status, a.rows, a.seconds, a.attempts, a.sqlstate"
+                " FROM finished f, unnest(%s::text[], %s::text[], %s::bigint[], %s::float8[], %s::int[], %s::text[])"
+                " WITH ORDINALITY AS a(sql, status, rows, seconds, attempts, sqlstate, seq)),"
+                " findings AS ("
+                " INSERT INTO {s}.finding (run_id, seq, level, data)"
+                " SELECT f.id, d.seq, d.level, d.data FROM finished f, unnest(%s::text[], %s::jsonb[])"
+                " WITH ORDINALITY AS d(level, data, seq))"
+                " SELECT 1"
+            ).format(s=self._s),
+            (
+                status,
+                attempts,
+                sqlstate,
+                error,
+                to_jsonb(summary) if summary is not None else None,
+                run_id,
+                [a["sql"] for a in actions],
+                [a["status"] for a in actions],
+                [a.get("rows") for a in actions],
+                [a.get("seconds") for a in actions],
+                [a.get("attempts", 1) for a in actions],
+                [a.get("sqlstate") for a in actions],
+                [(f.get(level_field) if level_field else None) for f in findings],
+                [to_jsonb(f) for f in findings],
+            ),
+        )
 
     def purge(self, older_than: timedelta) -> int:
         cur = self.conn.execute(

@@ -29,7 +29,7 @@ from maintainer.ledger import IdleRun, Ledger
 from maintainer.project import RunSpec
 from maintainer.render import ArgValue, RenderError
 from maintainer.results import Action, RunResult, Status, json_safe
-from maintainer.units import Statement, Unit, UnitError, split_statements
+from maintainer.units import Statement, Unit, UnitError, split_statements, transaction_blocks
 from maintainer.values import QualifiedName
 
 log = logging.getLogger("maintainer")
@@ -582,12 +582,7 @@ class _Run:
         if not self.unit.has_block("after") or self.result.status == "failed":
             return
         statements = self._render("after", {**context, "discovered": discovered, "steps": outcomes})
-        if self.opts.dry_run:
-            self.result.actions.extend(Action(s.sql, "planned") for s in statements)
-            return
-        for statement in statements:
-            self._check_cancel()
-            self._with_retries(functools.partial(self._run_one, statement, autocommit=True))
+        self._execute_statements(statements, "after")
 
     def _verify(self, context: dict[str, Any]) -> None:
         if self.opts.dry_run or not self.unit.has_block("verify") or self.result.status == "failed":
@@ -615,21 +610,33 @@ class _Run:
         assert self.conn is not None
         return db.query(self.conn, statement.sql, statement.params, read_only=read_only)
 
-    def _execute_statements(self, statements: list[Statement]) -> tuple[int, dict[str, Any] | None]:
-        """Run one step's statements (or only record them in a dry run): (rows affected, last row returned)."""
+    def _execute_statements(
+        self, statements: list[Statement], block: str = "apply"
+    ) -> tuple[int, dict[str, Any] | None]:
+        """Run one step's statements (or only record them in a dry run): (rows affected, last row returned).
+
+        `after` always runs outside a transaction (VACUUM cannot run in one), like `transaction: none`.
+        """
+        mode = "none" if block == "after" else self.unit.meta.transaction
+        groups = transaction_blocks(statements, mode, where=f"{self.unit.path.name} ({block}): ")
         if self.opts.dry_run:
             self.result.actions.extend(Action(s.sql, "planned") for s in statements)
             return 0, None
-        # A single statement is atomic on its own: BEGIN and COMMIT would only add two round trips
-        # per step (per batch, for repeated steps).
-        if self.unit.meta.transaction == "none" or len(statements) == 1:
-            total, last = 0, None
-            for statement in statements:
-                rows, last_row = self._with_retries(functools.partial(self._run_one, statement, autocommit=True))
-                total += rows
-                last = last_row if last_row is not None else last
-            return total, last
-        return self._with_retries(functools.partial(self._run_transaction, statements))
+        total, last = 0, None
+        for group in groups:
+            self._check_cancel()
+            if group[0].control == "begin":
+                attempt = functools.partial(self._run_block, group)
+            elif len(group) == 1:
+                # A single statement is atomic on its own: BEGIN and COMMIT would only add two round
+                # trips per step (per batch, for repeated steps).
+                attempt = functools.partial(self._run_one, group[0], autocommit=True)
+            else:
+                attempt = functools.partial(self._run_transaction, group)
+            rows, last_row = self._with_retries(attempt)
+            total += rows
+            last = last_row if last_row is not None else last
+        return total, last
 
     def _run_one(self, statement: Statement, *, autocommit: bool) -> tuple[int, dict[str, Any] | None]:
         assert self.conn is not None
@@ -638,21 +645,55 @@ class _Run:
         try:
             with psycopg.RawCursor(self.conn, row_factory=dict_row) as cur, db.keeping_plans(self.conn, statement.sql):
                 cur.execute(statement.sql, statement.params or None)
-                fetched = list(cur.fetchall()) if cur.description else []
-                rows = cur.rowcount if cur.rowcount >= 0 else len(fetched)
+                rows, last = _outcome_of(cur)
         except psycopg.Error as exc:
             action.status, action.sqlstate = "failed", db.sqlstate_of(exc)
             action.seconds = time.monotonic() - started
             self.result.actions.append(action)
             raise
         action.seconds = time.monotonic() - started
-        last = fetched[-1] if fetched else None
-        # A step may report its own progress count (`SELECT count(*) AS rows …`) instead of rowcount.
-        if last is not None and len(fetched) == 1 and "rows" in last and isinstance(last["rows"], int):
-            rows = last["rows"]
         action.rows = rows
         self.result.actions.append(action)
         return rows, last
+
+    def _run_block(self, block: list[Statement]) -> tuple[int, dict[str, Any] | None]:
+        """An explicit `BEGIN … COMMIT` block of a `transaction: none` unit: its statements travel in
+        one round trip (psycopg's pipeline mode) and commit or roll back together. The block's time is
+        recorded on its COMMIT: the statements' own times cannot be told apart."""
+        assert self.conn is not None
+        started = time.monotonic()
+        cursors: list[psycopg.RawCursor[dict[str, Any]]] = []
+        try:
+            with db.keeping_plans(self.conn, *(s.sql for s in block)), self.conn.pipeline():
+                for statement in block:
+                    cursor = psycopg.RawCursor(self.conn, row_factory=dict_row)
+                    cursors.append(cursor)
+                    # BEGIN and COMMIT repeat in every block: never worth a prepared statement.
+                    prepare = False if statement.control else None
+                    cursor.execute(statement.sql, statement.params or None, prepare=prepare)
+        except psycopg.Error as exc:
+            db.rollback_failed_block(self.conn)
+            # The first statement without a result is the one that failed; the others did not happen.
+            failed = next((i for i, c in enumerate(cursors) if c.pgresult is None), len(block) - 1)
+            for number, statement in enumerate(block):
+                action = Action(statement.sql, "failed" if number == failed else "skipped")
+                if number == failed:
+                    action.sqlstate = db.sqlstate_of(exc)
+                    action.seconds = time.monotonic() - started
+                self.result.actions.append(action)
+            raise
+        seconds = time.monotonic() - started
+        total, last = 0, None
+        for statement, cursor in zip(block, cursors, strict=True):
+            action = Action(statement.sql, "ok")
+            if statement.control is None:
+                action.rows, last_row = _outcome_of(cursor)
+                total += action.rows
+                last = last_row if last_row is not None else last
+            elif statement.control == "commit":
+                action.seconds = seconds
+            self.result.actions.append(action)
+        return total, last
 
     def _run_transaction(self, statements: list[Statement]) -> tuple[int, dict[str, Any] | None]:
         assert self.conn is not None
@@ -771,6 +812,17 @@ class _Run:
                 reason=self.result.reason,
             )
         self.ledger = None
+
+
+def _outcome_of(cursor: psycopg.RawCursor[dict[str, Any]]) -> tuple[int, dict[str, Any] | None]:
+    """(rows affected, last row returned) of an executed statement."""
+    fetched = list(cursor.fetchall()) if cursor.description else []
+    rows = cursor.rowcount if cursor.rowcount >= 0 else len(fetched)
+    last = fetched[-1] if fetched else None
+    # A step may report its own progress count (`SELECT count(*) AS rows …`) instead of rowcount.
+    if last is not None and len(fetched) == 1 and "rows" in last and isinstance(last["rows"], int):
+        rows = last["rows"]
+    return rows, last
 
 
 def _merge_actions(merged: list[Action], new: list[Action], iteration: int) -> list[Action]:

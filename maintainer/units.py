@@ -275,10 +275,17 @@ def load_units(user_dir: Path | None) -> dict[str, Unit]:
     return units
 
 
+# What a statement does to the transaction: "begin" (BEGIN / START TRANSACTION), "commit" (COMMIT /
+# END), "other" (ROLLBACK, SAVEPOINT, PREPARE TRANSACTION, COMMIT AND CHAIN: not allowed in a unit),
+# or None for every ordinary statement.
+Control = Literal["begin", "commit", "other"] | None
+
+
 @dataclass(frozen=True)
 class Statement:
     sql: str
     params: list[Any]
+    control: Control = None
 
 
 def split_statements(text: str, values: list[Any], where: str = "") -> list[Statement]:
@@ -288,17 +295,81 @@ def split_statements(text: str, values: list[Any], where: str = "") -> list[Stat
     except pg_parser.ParseError as exc:
         raise UnitError(f"{where}SQL syntax error: {exc}") from None
     statements = []
-    for sql_text, numbers in plan:
+    for sql_text, numbers, control in plan:
         for number in numbers:
             if number < 1 or number > len(values):
                 raise UnitError(f"{where}parameter ${number} has no bound value (write {{{{ x | bind }}}})")
-        statements.append(Statement(sql_text, [values[n - 1] for n in numbers]))
+        statements.append(Statement(sql_text, [values[n - 1] for n in numbers], control))
     return statements
 
 
+def transaction_blocks(statements: list[Statement], transaction: str, where: str = "") -> list[list[Statement]]:
+    """Group a rendering's statements by transaction: each group runs as one transaction.
+
+    `per_step`: the whole rendering is one group (the runner wraps it). `none`: every statement is a
+    group of its own (autocommit), except statements between an explicit `BEGIN` and `COMMIT`, which
+    form one group, BEGIN and COMMIT included. Anything else that controls the transaction (ROLLBACK,
+    SAVEPOINT, nesting, an unclosed BEGIN) is a unit error, raised before anything runs.
+    """
+    controls = [s for s in statements if s.control is not None]
+    if transaction != "none":
+        if controls:
+            raise UnitError(
+                f"{where}{controls[0].sql.splitlines()[-1]!r}: this unit runs each step in one transaction"
+                " (transaction: per_step); BEGIN/COMMIT blocks need transaction: none"
+            )
+        return [statements] if statements else []
+    groups: list[list[Statement]] = []
+    block: list[Statement] | None = None
+    for statement in statements:
+        if statement.control == "other":
+            raise UnitError(
+                f"{where}{statement.sql.splitlines()[-1]!r}: only BEGIN … COMMIT blocks may control transactions"
+            )
+        if statement.control == "begin":
+            if block is not None:
+                raise UnitError(f"{where}BEGIN inside a BEGIN … COMMIT block")
+            block = [statement]
+        elif statement.control == "commit":
+            if block is None:
+                raise UnitError(f"{where}COMMIT without BEGIN")
+            block.append(statement)
+            groups.append(block)
+            block = None
+        elif block is not None:
+            block.append(statement)
+        else:
+            groups.append([statement])
+    if block is not None:
+        raise UnitError(f"{where}BEGIN without COMMIT")
+    return groups
+
+
+# Cheap test before parsing: only a statement starting with one of these words can be transaction control.
+_MAYBE_CONTROL = re.compile(
+    r"\A(?:\s+|--[^\n]*(?:\n|\Z)|/\*.*?\*/)*(?:BEGIN|START|COMMIT|END|ROLLBACK|ABORT|SAVEPOINT|RELEASE|PREPARE)\b",
+    re.IGNORECASE | re.DOTALL,
+)
+
+
+def _control_of(statement: str) -> Control:
+    if not _MAYBE_CONTROL.match(statement):
+        return None
+    node = pglast.parse_sql(statement)[0].stmt
+    if not isinstance(node, pglast.ast.TransactionStmt):
+        return None  # e.g. PREPARE of a query, or a statement merely starting with END-like words
+    kind = pglast.enums.TransactionStmtKind
+    if node.kind in (kind.TRANS_STMT_BEGIN, kind.TRANS_STMT_START):
+        return "begin"
+    if node.kind == kind.TRANS_STMT_COMMIT and not node.chain:
+        return "commit"
+    return "other"
+
+
 @functools.lru_cache(maxsize=512)
-def _split_plan(text: str) -> tuple[tuple[str, tuple[int, ...]], ...]:
-    """Each statement's text with its `$n` renumbered from 1, and the block-wide numbers it uses.
+def _split_plan(text: str) -> tuple[tuple[str, tuple[int, ...], Control], ...]:
+    """Each statement's text with its `$n` renumbered from 1, the block-wide numbers it uses, and
+    whether it is transaction control (BEGIN / COMMIT).
 
     Cached by text: the batches of a repeated step render the same text with new bound values, so
     only the first batch pays for parsing.
@@ -317,7 +388,8 @@ def _split_plan(text: str) -> tuple[tuple[str, tuple[int, ...]], ...]:
             out.append(chunk[last : token.start] + f"${mapping[number]}")
             last = token.end + 1
         out.append(chunk[last:])
-        plan.append(("".join(out).strip(), tuple(sorted(mapping, key=mapping.__getitem__))))
+        statement = "".join(out).strip()
+        plan.append((statement, tuple(sorted(mapping, key=mapping.__getitem__)), _control_of(statement)))
     return tuple(plan)
 
 

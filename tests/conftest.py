@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import threading
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -114,6 +116,26 @@ class Database:
     def run_script(self, text: str) -> None:
         with self.connect() as conn:
             conn.execute(text)  # type: ignore[arg-type]
+
+
+def release_after_the_first_timeout(db: Database, holder: psycopg.Connection[Any], relation: str) -> threading.Thread:
+    """A thread that ends `holder`'s transaction once a run has queued for a lock on `relation` and
+    waited longer than its lock_timeout (the tests use 200 ms): the first attempt fails however slowly
+    the run started, a retry gets the lock. Join it after the run."""
+
+    def release() -> None:
+        with db.connect() as watcher:
+            for _ in range(600):
+                if watcher.execute("SELECT count(*) FROM pg_locks WHERE relation = %s::regclass AND NOT granted",
+                                   (relation,)).fetchone() != (0,):
+                    break
+                time.sleep(0.05)
+        time.sleep(0.8)
+        holder.rollback()
+
+    thread = threading.Thread(target=release)
+    thread.start()
+    return thread
 
 
 @pytest.fixture

@@ -151,6 +151,11 @@ def test_premake_and_retention_then_a_second_run_executes_no_ddl(workspace: Work
         assert steps[0].startswith(f'CREATE TABLE {first} (\n    LIKE "public"."metrics" INCLUDING ALL')
         assert "CHECK (" in steps[0] and "ATTACH PARTITION" in steps[-2]
         assert steps[-1].startswith(f"ALTER TABLE {first} DROP CONSTRAINT")
+        # grants and owner commit with the CREATE; the helper CHECK goes in the ATTACH's transaction
+        create_at = statements.index(steps[0])
+        assert statements[create_at - 1] == "BEGIN" and statements[create_at + 4] == "COMMIT"
+        attach_at = statements.index(steps[-2])
+        assert statements[attach_at - 1 : attach_at + 3] == ["BEGIN", steps[-2], steps[-1], "COMMIT"]
         analyze = "ANALYZE ONLY" if db.server.version_num >= 170000 else "ANALYZE"
         assert statements[-1] == f'{analyze} "public"."metrics"'
         # the new partitions look like the old ones: owner, grants, storage parameters, indexes
@@ -218,6 +223,8 @@ def test_time_keys_and_intervals(
     run, finding = only(runs(workspace, "partitions"))
     assert run["status"] == "ok", run["error"]
     assert finding["created"] == 3 and finding["partitions_ahead"] == 2 and finding["level"] == "ok"
+    # new partitions are empty: the parent's statistics stay valid, no ANALYZE re-samples it
+    assert not any(a["sql"].startswith("ANALYZE") for a in run["actions"])
     today = dt.datetime.now(UTC).date()
     starts = sorted(dt.date(int(n[3:7]), int(n[7:9]), int(n[9:11])) for n in partitions(db, "t"))
     assert starts[0] <= today

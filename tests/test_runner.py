@@ -6,13 +6,12 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import psycopg
 
-from tests.conftest import Database, Workspace
+from tests.conftest import Database, Workspace, release_after_the_first_timeout
 
 COUNTER_UNIT = """---
 description: bump a counter per pending row
@@ -225,20 +224,7 @@ SELECT 1 / 0;
     holder.autocommit = False
     holder.execute("LOCK TABLE items IN ACCESS SHARE MODE")
 
-    def release_after_the_first_timeout() -> None:
-        # Once the run queues for the lock, hold on longer than its lock_timeout (500ms), so the first
-        # attempt fails however slowly the run started; the retry then gets the lock.
-        with db.connect() as watcher:
-            for _ in range(600):
-                if watcher.execute("SELECT count(*) FROM pg_locks WHERE relation = 'items'::regclass"
-                                   " AND NOT granted").fetchone() != (0,):
-                    break
-                time.sleep(0.05)
-        time.sleep(0.8)
-        holder.rollback()
-
-    releaser = threading.Thread(target=release_after_the_first_timeout)
-    releaser.start()
+    releaser = release_after_the_first_timeout(db, holder, "items")
     run = json.loads(workspace.cli("trigger", "locker", "--json").output)["runs"][0]
     releaser.join()
     holder.close()
