@@ -172,6 +172,23 @@ def rollback_failed_block(conn: psycopg.Connection[Any]) -> None:
         conn.execute("ROLLBACK")
 
 
+def catalog_facts(
+    conn: psycopg.Connection[Any], relations: list[tuple[str, str]]
+) -> tuple[dict[str, dict[str, str]], list[bool]]:
+    """Installed extensions (`{name: {schema, version}}`) and whether each `(schema, name)` exists, in
+    one round trip; `relation_exists` for many at once."""
+    row = conn.execute(
+        "SELECT (SELECT coalesce(json_object_agg(e.extname, json_build_object('schema', n.nspname,"
+        " 'version', e.extversion)), '{}') FROM pg_extension e JOIN pg_namespace n ON n.oid = e.extnamespace)"
+        " AS extensions,"
+        " ARRAY(SELECT to_regclass(r) IS NOT NULL FROM unnest(%s::text[]) WITH ORDINALITY AS u(r, n) ORDER BY n)"
+        " AS present",
+        ([quote_ident(*relation) for relation in relations],),
+    ).fetchone()
+    assert row is not None
+    return dict(row["extensions"]), list(row["present"])
+
+
 def relation_exists(conn: psycopg.Connection[Any], *name: str) -> bool:
     """Whether `schema.name` (quoted part by part) exists, without an error when it does not."""
     row = conn.execute("SELECT to_regclass(%s) IS NOT NULL AS present", (quote_ident(*name),)).fetchone()

@@ -271,7 +271,8 @@ class Ledger:
         level_field: str | None,
     ) -> None:
         # One statement, so one round trip and atomic without BEGIN/COMMIT: the run's outcome, its
-        # actions and its findings.
+        # actions and its findings. Actions and findings travel as one JSON document each (dumped by
+        # the json module's C code; psycopg's array dumper escapes element by element in Python).
         self.conn.execute(
             sql.SQL(
                 "WITH finished AS ("
@@ -279,13 +280,13 @@ class Ledger:
                 " error = %s, summary = %s WHERE id = %s RETURNING id),"
                 " actions AS ("
                 " INSERT INTO {s}.action (run_id, seq, sql, status, rows, seconds, attempts, sqlstate)"
-                " SELECT f.id, a.seq, a.sql, a.status, a.rows, a.seconds, a.attempts, a.sqlstate"
-                " FROM finished f, unnest(%s::text[], %s::text[], %s::bigint[], %s::float8[], %s::int[], %s::text[])"
-                " WITH ORDINALITY AS a(sql, status, rows, seconds, attempts, sqlstate, seq)),"
+                " SELECT f.id, a.seq, a.sql, a.status, a.rows, a.seconds, coalesce(a.attempts, 1), a.sqlstate"
+                " FROM finished f, jsonb_to_recordset(%s) AS a(seq int, sql text, status text, rows bigint,"
+                " seconds float8, attempts int, sqlstate text)),"
                 " findings AS ("
                 " INSERT INTO {s}.finding (run_id, seq, level, data)"
-                " SELECT f.id, d.seq, d.level, d.data FROM finished f, unnest(%s::text[], %s::jsonb[])"
-                " WITH ORDINALITY AS d(level, data, seq))"
+                " SELECT f.id, d.seq, d.level, d.data FROM finished f,"
+                " jsonb_to_recordset(%s) AS d(seq int, level text, data jsonb))"
                 " SELECT 1"
             ).format(s=self._s),
             (
@@ -295,14 +296,13 @@ class Ledger:
                 error,
                 to_jsonb(summary) if summary is not None else None,
                 run_id,
-                [a["sql"] for a in actions],
-                [a["status"] for a in actions],
-                [a.get("rows") for a in actions],
-                [a.get("seconds") for a in actions],
-                [a.get("attempts", 1) for a in actions],
-                [a.get("sqlstate") for a in actions],
-                [(f.get(level_field) if level_field else None) for f in findings],
-                [to_jsonb(f) for f in findings],
+                to_jsonb([{"seq": i, **a} for i, a in enumerate(actions, 1)]),
+                to_jsonb(
+                    [
+                        {"seq": i, "level": f.get(level_field) if level_field else None, "data": f}
+                        for i, f in enumerate(findings, 1)
+                    ]
+                ),
             ),
         )
 

@@ -15,6 +15,7 @@ stored in the ledger's rendered SQL.
 from __future__ import annotations
 
 import contextvars
+import functools
 import json
 import re
 from collections.abc import Iterable, Mapping
@@ -103,7 +104,13 @@ def ident_filter(value: Any, *more: Any) -> SqlText:
         parts.append(extra)
     if not parts or any(part == "" for part in parts):
         raise RenderError("`ident` got an empty name")
-    return SqlText(sql.Identifier(*[str(p) for p in parts]).as_string(None))
+    return SqlText(_quote_identifier(tuple(str(p) for p in parts)))
+
+
+@functools.lru_cache(maxsize=4096)
+def _quote_identifier(parts: tuple[str, ...]) -> str:
+    # The same names come back in every step of a pass (a parent, its partitions, their columns).
+    return sql.Identifier(*parts).as_string(None)
 
 
 def literal_filter(value: Any) -> SqlText:

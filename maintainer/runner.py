@@ -95,6 +95,9 @@ class Session:
         self.ledger_conn: psycopg.Connection[Any] | None = None
         self.ledger_ready = False
         self.purged = False
+        # The work connection last seen on a primary: a server leaves recovery (promotion) but never
+        # enters it while a connection lives, so one check per connection is enough.
+        self.on_primary: psycopg.Connection[Any] | None = None
 
     @staticmethod
     def usable(conn: psycopg.Connection[Any] | None) -> bool:
@@ -123,6 +126,14 @@ class Session:
             ledger.ensure()
             self.ledger_ready = True
         return ledger
+
+    def in_recovery(self, conn: psycopg.Connection[Any]) -> bool:
+        if conn is self.on_primary:
+            return False
+        if db.is_in_recovery(conn):
+            return True
+        self.on_primary = conn
+        return False
 
     def purge_once(self, ledger: Ledger, spec: RunSpec) -> None:
         """Old history goes once per session, not once per item."""
@@ -376,7 +387,7 @@ class _Run:
             self._execute_surveyed(self.opts.surveyed)
             return
         self.conn = self._connect()
-        if db.is_in_recovery(self.conn):
+        if self.session.in_recovery(self.conn):
             self._skip("target is a replica in recovery; maintenance runs on the primary only")
             return
         if not self.opts.dry_run:
@@ -402,7 +413,6 @@ class _Run:
                 params=json_safe(_loggable(spec.params)),
             )
         db.set_timeouts(self.conn, lock_timeout=self.lock_timeout, statement_timeout=self.statement_timeout)
-        self._resolve_tables()
         context = self._context()
         context["prepared"] = self._prepare(context)
         discovered = self._discover(context)
@@ -466,29 +476,22 @@ class _Run:
         }
 
     def _catalog_facts(self) -> dict[str, Any]:
-        """What a unit may adapt its SQL to at render time (a SELECT naming a missing function or
-        table fails when parsed): installed extensions, and whether the ledger tables exist yet
-        (a dry run on a target that never ran a job has none)."""
+        """Read in one query: whether every `table` param names an existing relation (else fail
+        clearly before doing anything), and what a unit may adapt its SQL to at render time (a
+        SELECT naming a missing function or table fails when parsed): installed extensions, and
+        whether the ledger tables exist yet (a dry run on a target that never ran a job has none)."""
         assert self.conn is not None
-        extensions = {
-            row["extname"]: {"schema": row["nspname"], "version": row["extversion"]}
-            for row in self.conn.execute(
-                "SELECT e.extname, n.nspname, e.extversion FROM pg_extension e"
-                " JOIN pg_namespace n ON n.oid = e.extnamespace"
-            ).fetchall()
-        }
-        ledger_exists = db.relation_exists(self.conn, self.spec.settings.state_schema, "finding")
-        return {"extensions": extensions, "ledger_exists": ledger_exists}
-
-    def _resolve_tables(self) -> None:
-        """Every `table` param must name an existing relation: fail clearly before doing anything."""
-        assert self.conn is not None
-        for name, spec in self.unit.meta.params.items():
-            value = self.spec.params.get(name)
-            if spec.type != "table" or not isinstance(value, QualifiedName):
-                continue
-            if not db.relation_exists(self.conn, value.schema, value.name):
+        tables = [
+            (name, value)
+            for name, spec in self.unit.meta.params.items()
+            if spec.type == "table" and isinstance(value := self.spec.params.get(name), QualifiedName)
+        ]
+        ledger = (self.spec.settings.state_schema, "finding")
+        extensions, present = db.catalog_facts(self.conn, [ledger, *((v.schema, v.name) for _, v in tables)])
+        for (name, value), exists in zip(tables, present[1:], strict=True):
+            if not exists:
                 raise RunFailed(f"{name}: table {value} does not exist on target {self.spec.target_name!r}")
+        return {"extensions": extensions, "ledger_exists": present[0]}
 
     def _prepare(self, context: dict[str, Any]) -> dict[str, Any]:
         """`prepare`: one SELECT before discover; its first row (`prepared`) lets discover name what
