@@ -352,6 +352,7 @@ _MAYBE_CONTROL = re.compile(
 )
 
 
+@functools.lru_cache(maxsize=64)
 def _control_of(statement: str) -> Control:
     if not _MAYBE_CONTROL.match(statement):
         return None
