@@ -173,10 +173,10 @@ def rollback_failed_block(conn: psycopg.Connection[Any]) -> None:
 
 
 def catalog_facts(
-    conn: psycopg.Connection[Any], relations: list[tuple[str, str]]
+    conn: psycopg.Connection[Any], relations: list[tuple[str, ...]]
 ) -> tuple[dict[str, dict[str, str]], list[bool]]:
-    """Installed extensions (`{name: {schema, version}}`) and whether each `(schema, name)` exists, in
-    one round trip; `relation_exists` for many at once."""
+    """Installed extensions (`{name: {schema, version}}`) and whether each relation (its name quoted
+    part by part, e.g. `(schema, name)`) exists, without an error when it does not; one round trip."""
     row = conn.execute(
         "SELECT (SELECT coalesce(json_object_agg(e.extname, json_build_object('schema', n.nspname,"
         " 'version', e.extversion)), '{}') FROM pg_extension e JOIN pg_namespace n ON n.oid = e.extnamespace)"
@@ -191,8 +191,7 @@ def catalog_facts(
 
 def relation_exists(conn: psycopg.Connection[Any], *name: str) -> bool:
     """Whether `schema.name` (quoted part by part) exists, without an error when it does not."""
-    row = conn.execute("SELECT to_regclass(%s) IS NOT NULL AS present", (quote_ident(*name),)).fetchone()
-    return bool(row and row["present"])
+    return catalog_facts(conn, [name])[1][0]
 
 
 def quote_ident(*parts: str) -> str:
