@@ -530,9 +530,12 @@ def test_an_interrupted_creation_is_resumed_and_foreign_names_are_left_alone(
     leftovers = [name for (name,) in db.execute("SELECT relname FROM pg_class WHERE relname LIKE 'resume\\_p%%'"
                                                " AND relkind = 'r' AND NOT relispartition ORDER BY 1")]
     assert leftovers == sorted([f"resume{suffix(month(n))}" for n in (1, 2, 3)] + [taken])
+    db.execute("GRANT SELECT ON resume TO PUBLIC")  # the parent's grants changed meanwhile
 
     run, finding = only(runs(workspace, "partitions"))
     assert run["status"] == "ok", run["error"]
+    resumed_acl = db.execute("SELECT relacl::text[] FROM pg_class WHERE relname = %s", (leftovers[0],))[0][0]
+    assert any(entry.startswith("=r/") for entry in resumed_acl)  # the resumed table got them too
     assert finding["created"] == 3 and finding["partitions_ahead"] == 3 and finding["level"] == "warn"
     assert not any(a["sql"].startswith("CREATE TABLE") for a in run["actions"])  # resumed: ATTACH only
     assert db.execute(f"SELECT relispartition FROM pg_class WHERE relname = '{taken}'") == [(False,)]
