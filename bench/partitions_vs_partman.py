@@ -126,6 +126,8 @@ class Ours:
 
         # Loaded once, as the daemon loads its configuration at start (and on SIGHUP), not per pass.
         self.project = load_project(str(self.config))
+        # of the last pass: time spent executing the steps' statements (a block's time is on its COMMIT)
+        self.statement_seconds = 0.0
 
     def run_all(self, job_name: str = "partitions", *, daemon: bool = False) -> list[str]:
         """One pass over the job's items as `maintainer trigger` runs it (the items share one session
@@ -143,7 +145,6 @@ class Ours:
 
         results = run_all(specs, lambda spec: RunOptions(trigger="schedule", on_locked=tick_check(spec))
                           if daemon else RunOptions())
-        # time spent executing the steps' statements (a block's time is on its COMMIT)
         self.statement_seconds = sum(a.seconds or 0 for r in results for a in r.actions)
         return [r.status for r in results]
 

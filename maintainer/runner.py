@@ -287,7 +287,7 @@ def survey_items(specs: list[RunSpec], options: RunOptions) -> dict[int, dict[st
     assert options.session is not None
     try:
         conn = options.session.work_connection(first, on_connect=options.on_connect)
-        if db.is_in_recovery(conn):
+        if options.session.in_recovery(conn):
             return {}
         lock_timeout, statement_timeout = timeouts_of(first)
         db.set_timeouts(conn, lock_timeout=lock_timeout, statement_timeout=statement_timeout)
@@ -487,11 +487,13 @@ class _Run:
             if spec.type == "table" and isinstance(value := self.spec.params.get(name), QualifiedName)
         ]
         ledger = (self.spec.settings.state_schema, "finding")
-        extensions, present = db.catalog_facts(self.conn, [ledger, *((v.schema, v.name) for _, v in tables)])
-        for (name, value), exists in zip(tables, present[1:], strict=True):
+        extensions, (ledger_exists, *tables_exist) = db.catalog_facts(
+            self.conn, [ledger, *((value.schema, value.name) for _, value in tables)]
+        )
+        for (name, value), exists in zip(tables, tables_exist, strict=True):
             if not exists:
                 raise RunFailed(f"{name}: table {value} does not exist on target {self.spec.target_name!r}")
-        return {"extensions": extensions, "ledger_exists": present[0]}
+        return {"extensions": extensions, "ledger_exists": ledger_exists}
 
     def _prepare(self, context: dict[str, Any]) -> dict[str, Any]:
         """`prepare`: one SELECT before discover; its first row (`prepared`) lets discover name what
@@ -614,14 +616,14 @@ class _Run:
         return db.query(self.conn, statement.sql, statement.params, read_only=read_only)
 
     def _execute_statements(
-        self, statements: list[Statement], block: str = "apply"
+        self, statements: list[Statement], block_name: str = "apply"
     ) -> tuple[int, dict[str, Any] | None]:
         """Run one step's statements (or only record them in a dry run): (rows affected, last row returned).
 
         `after` always runs outside a transaction (VACUUM cannot run in one), like `transaction: none`.
         """
-        mode = "none" if block == "after" else self.unit.meta.transaction
-        groups = transaction_blocks(statements, mode, where=f"{self.unit.path.name} ({block}): ")
+        mode = "none" if block_name == "after" else self.unit.meta.transaction
+        groups = transaction_blocks(statements, mode, where=f"{self.unit.path.name} ({block_name}): ")
         if self.opts.dry_run:
             self.result.actions.extend(Action(s.sql, "planned") for s in statements)
             return 0, None
@@ -629,11 +631,11 @@ class _Run:
         for group in groups:
             self._check_cancel()
             if group[0].control == "begin":
-                attempt = functools.partial(self._run_block, group)
+                attempt = functools.partial(self._run_explicit_transaction, group)
             elif len(group) == 1:
                 # A single statement is atomic on its own: BEGIN and COMMIT would only add two round
                 # trips per step (per batch, for repeated steps).
-                attempt = functools.partial(self._run_one, group[0], autocommit=True)
+                attempt = functools.partial(self._run_one, group[0])
             else:
                 attempt = functools.partial(self._run_transaction, group)
             rows, last_row = self._with_retries(attempt)
@@ -641,7 +643,7 @@ class _Run:
             last = last_row if last_row is not None else last
         return total, last
 
-    def _run_one(self, statement: Statement, *, autocommit: bool) -> tuple[int, dict[str, Any] | None]:
+    def _run_one(self, statement: Statement) -> tuple[int, dict[str, Any] | None]:
         assert self.conn is not None
         started = time.monotonic()
         action = Action(statement.sql, "ok")
@@ -659,7 +661,7 @@ class _Run:
         self.result.actions.append(action)
         return rows, last
 
-    def _run_block(self, block: list[Statement]) -> tuple[int, dict[str, Any] | None]:
+    def _run_explicit_transaction(self, block: list[Statement]) -> tuple[int, dict[str, Any] | None]:
         """An explicit `BEGIN … COMMIT` block of a `transaction: none` unit: its statements travel in
         one round trip (psycopg's pipeline mode) and commit or roll back together. The block's time is
         recorded on its COMMIT: the statements' own times cannot be told apart."""
@@ -705,7 +707,7 @@ class _Run:
         try:
             with self.conn.transaction():
                 for statement in statements:
-                    rows, row = self._run_one(statement, autocommit=False)
+                    rows, row = self._run_one(statement)
                     total += rows
                     last = row if row is not None else last
         except psycopg.Error:

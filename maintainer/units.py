@@ -311,11 +311,11 @@ def transaction_blocks(statements: list[Statement], transaction: str, where: str
     form one group, BEGIN and COMMIT included. Anything else that controls the transaction (ROLLBACK,
     SAVEPOINT, nesting, an unclosed BEGIN) is a unit error, raised before anything runs.
     """
-    controls = [s for s in statements if s.control is not None]
     if transaction != "none":
-        if controls:
+        control = next((s for s in statements if s.control is not None), None)
+        if control is not None:
             raise UnitError(
-                f"{where}{controls[0].sql.splitlines()[-1]!r}: this unit runs each step in one transaction"
+                f"{where}{control.sql.splitlines()[-1]!r}: this unit runs each step in one transaction"
                 " (transaction: per_step); BEGIN/COMMIT blocks need transaction: none"
             )
         return [statements] if statements else []
