@@ -70,6 +70,9 @@ class Defaults(Strict):
     # First retry waits about this long; each further retry doubles it (with jitter), capped.
     retry_backoff: Duration = timedelta(milliseconds=500)
     retry_backoff_max: Duration = timedelta(seconds=30)
+    # A server that answered earlier in a run and then went away (restart, failover) is waited for at
+    # least this long, retries with backoff, before the run gives up on it.
+    reconnect_window: Duration = timedelta(seconds=15)
     # Ledger records older than this are purged at the end of runs.
     history_retention: Duration = timedelta(days=90)
 

@@ -273,11 +273,14 @@ class Ledger:
         # One statement, so one round trip and atomic without BEGIN/COMMIT: the run's outcome, its
         # actions and its findings. Actions and findings travel as one JSON document each (dumped by
         # the json module's C code; psycopg's array dumper escapes element by element in Python).
+        # Only an unfinished record is completed, so repeating a finish whose acknowledgement was lost
+        # changes nothing; `interrupted` counts as unfinished: another runner marks a record so when
+        # it took the lock while this run's server was restarting, and the real outcome is better.
         self.conn.execute(
             sql.SQL(
                 "WITH finished AS ("
                 " UPDATE {s}.run SET status = %s, finished_at = now(), attempts = %s, sqlstate = %s,"
-                " error = %s, summary = %s WHERE id = %s RETURNING id),"
+                " error = %s, summary = %s WHERE id = %s AND status IN ('running', 'interrupted') RETURNING id),"
                 " actions AS ("
                 " INSERT INTO {s}.action (run_id, seq, sql, status, rows, seconds, attempts, sqlstate)"
                 " SELECT f.id, a.seq, a.sql, a.status, a.rows, a.seconds, coalesce(a.attempts, 1), a.sqlstate"

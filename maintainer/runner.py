@@ -19,7 +19,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import psycopg
 from psycopg.rows import dict_row
@@ -33,6 +33,8 @@ from maintainer.units import Statement, Unit, UnitError, split_statements, trans
 from maintainer.values import QualifiedName
 
 log = logging.getLogger("maintainer")
+
+T = TypeVar("T")
 
 LOCK_HELD = "another runner holds the lock for this job, target and item"
 
@@ -116,9 +118,16 @@ class Session:
         self.close()
 
     def ledger(self, spec: RunSpec) -> Ledger:
-        """The ledger of `spec`'s target on the session's second connection (schema checked once)."""
+        """The ledger of `spec`'s target on the session's second connection (schema checked once).
+
+        A connection that broke (the server restarted, failed over, or dropped it) is replaced here,
+        with the same patience as the work connection's: a record must not be lost because the
+        ledger's connection died while the work went on over a new one."""
         if not Session.usable(self.ledger_conn):
-            self.ledger_conn = db.connect(spec.target.conninfo(), application_name="pg-maintainer ledger")
+            self.ledger_conn = connect_retrying(
+                _conninfo_of(spec), spec, application_name="pg-maintainer ledger",
+                reconnecting=self.ledger_conn is not None,
+            )
             self.ledger_ready = False
         assert self.ledger_conn is not None
         ledger = Ledger(self.ledger_conn, spec.settings.state_schema)
@@ -149,23 +158,66 @@ class Session:
         on_connect: Callable[[psycopg.Connection[Any]], None] | None = None,
     ) -> psycopg.Connection[Any]:
         """The session's work connection for `spec`'s target, reset to a clean state."""
-        try:
-            conninfo = spec.target.conninfo()
-        except OSError as exc:
-            raise RunFailed(f"cannot read dsn_file of target {spec.target_name!r}: {exc.strerror}") from None
+        conninfo = _conninfo_of(spec)
         if self.conninfo != conninfo:
             self.close()  # the DSN changed (a rotated dsn_file): nothing of the old session is reused
             self.conninfo = conninfo
-        if fresh or not Session.usable(self.conn):
-            if self.conn is not None and not self.conn.closed:
-                self.conn.close()
-            self.conn = db.connect(conninfo, application_name=f"pg-maintainer {spec.job.name}"[:63])
-        else:
+        if not fresh and Session.usable(self.conn):
             assert self.conn is not None
-            self.conn.execute("RESET ALL")  # whatever the previous run's unit SET for itself
+            try:
+                self.conn.execute("RESET ALL")  # whatever the previous run's unit SET for itself
+            except psycopg.OperationalError:
+                fresh = True  # the server went away since the previous item (a restart, a failover)
+        conn = self.conn
+        if fresh or conn is None or not Session.usable(conn):
+            if conn is not None and not conn.closed:
+                conn.close()
+            conn = self.conn = connect_retrying(
+                conninfo, spec, application_name=f"pg-maintainer {spec.job.name}"[:63],
+                reconnecting=conn is not None,
+            )
         if on_connect is not None:
-            on_connect(self.conn)
-        return self.conn
+            on_connect(conn)
+        return conn
+
+
+def _conninfo_of(spec: RunSpec) -> str:
+    try:
+        return spec.target.conninfo()
+    except OSError as exc:
+        raise RunFailed(f"cannot read dsn_file of target {spec.target_name!r}: {exc.strerror}") from None
+
+
+def retry_delay(spec: RunSpec, attempt: int) -> float:
+    """Seconds to wait after failed attempt number `attempt`: exponential, capped, jittered (so the
+    replicas of a daemon that lost the same server do not come back in lockstep)."""
+    defaults = spec.settings.defaults
+    delay: float = min(
+        defaults.retry_backoff.total_seconds() * 2 ** (attempt - 1), defaults.retry_backoff_max.total_seconds()
+    )
+    return delay * random.uniform(0.5, 1.5)  # noqa: S311 - jitter, not crypto
+
+
+def connect_retrying(
+    conninfo: str, spec: RunSpec, *, application_name: str, reconnecting: bool = False
+) -> psycopg.Connection[Any]:
+    """`db.connect`, tried `max_attempts` times with backoff. A server that is restarting or being
+    promoted refuses connections for a few seconds, which must not fail the run: when `reconnecting`
+    (the server answered earlier in this session), attempts go on until `reconnect_window` has passed
+    too. A first connection gives up sooner, so a wrong host is reported without a long wait."""
+    defaults = spec.settings.defaults
+    deadline = time.monotonic() + (defaults.reconnect_window.total_seconds() if reconnecting else 0.0)
+    number = 0
+    while True:
+        number += 1
+        try:
+            return db.connect(conninfo, application_name=application_name)
+        except db.TargetUnavailable:
+            left = deadline - time.monotonic()
+            if number >= defaults.max_attempts and left <= 0:
+                raise
+            delay = retry_delay(spec, number)
+            time.sleep(min(delay, left) if number >= defaults.max_attempts else delay)
 
 
 def render_statements(unit: Unit, block: str, context: Mapping[str, Any]) -> list[Statement]:
@@ -349,6 +401,7 @@ class _Run:
         self.lock_key = spec.lock_key
         self.conn: psycopg.Connection[Any] | None = None
         self.ledger: Ledger | None = None
+        self.recorded = False
         self.locked = False
         self.attempts = 0
         self.step_batches = 0  # of the step being applied (repeated steps: one per batch that changed rows)
@@ -403,14 +456,16 @@ class _Run:
                 self._skip(reason)
                 self._record_skip()
                 return
-            self.result.run_id = self.ledger.start_run(
-                job=spec.job.name,
-                unit=unit.name,
-                target=spec.target_name,
-                item=spec.item_label,
-                lock_key=self.lock_key,
-                trigger=self.opts.trigger,
-                params=json_safe(_loggable(spec.params)),
+            self.result.run_id = self._write_ledger(
+                lambda ledger: ledger.start_run(
+                    job=spec.job.name,
+                    unit=unit.name,
+                    target=spec.target_name,
+                    item=spec.item_label,
+                    lock_key=self.lock_key,
+                    trigger=self.opts.trigger,
+                    params=json_safe(_loggable(spec.params)),
+                )
             )
         db.set_timeouts(self.conn, lock_timeout=self.lock_timeout, statement_timeout=self.statement_timeout)
         context = self._context()
@@ -440,6 +495,22 @@ class _Run:
 
     def _open_ledger(self) -> None:
         self.ledger = self.session.ledger(self.spec)
+
+    def _write_ledger(self, write: Callable[[Ledger], T]) -> T:
+        """A ledger write, tried again over a new ledger connection when the old one was lost (the
+        work connection recovers from a restart or failover by itself; the record must too). Every
+        ledger write is safe to repeat: a start that went through unacknowledged is marked
+        interrupted by the repeat, a finish only completes a record that is not finished yet."""
+        attempts = self.spec.settings.defaults.max_attempts
+        for number in range(1, attempts + 1):
+            self.ledger = self.session.ledger(self.spec)
+            try:
+                return write(self.ledger)
+            except psycopg.Error as exc:
+                if number == attempts or not db.is_transient(exc):
+                    raise
+                time.sleep(retry_delay(self.spec, number))
+        raise AssertionError("unreachable")
 
     def _reconnect(self) -> None:
         """After a lost connection: new session, same timeouts, and the advisory lock again."""
@@ -500,13 +571,13 @@ class _Run:
         it must read directly, e.g. a partition found in the catalog (emitted through `ident`)."""
         if not self.unit.has_block("prepare"):
             return {}
-        rows = self._query(render_select(self.unit, "prepare", context), read_only=self.opts.dry_run)
+        rows = self._select("prepare", context, read_only=self.opts.dry_run)
         return rows[0] if rows else {}
 
     def _discover(self, context: dict[str, Any]) -> list[dict[str, Any]]:
         if not self.unit.has_block("discover"):
             return [{}] if self.unit.has_block("apply") else []
-        return self._query(render_select(self.unit, "discover", context), read_only=self.opts.dry_run)
+        return self._select("discover", context, read_only=self.opts.dry_run)
 
     def _apply(self, context: dict[str, Any], step_rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         outcomes: list[dict[str, Any]] = []
@@ -534,12 +605,47 @@ class _Run:
 
     def _run_step(self, context: dict[str, Any], row: dict[str, Any], index: int, count: int) -> int:
         step_context = {**context, "row": row, "prev": None}
+        if not self.opts.dry_run and self.unit.meta.repeat is None and self.unit.has_block("recheck"):
+            return self._run_rechecked(step_context)
         if self.opts.dry_run or self.unit.meta.repeat is None:
             statements = self._render("apply", step_context)
             rows, _ = self._execute_statements(statements)
             self.step_batches = 1 if rows else 0
             return rows
         return self._run_repeated(step_context, row, index, count)
+
+    def _run_rechecked(self, context: dict[str, Any]) -> int:
+        """A step of a unit with a `recheck` block: after a transient failure the step is not resumed
+        statement by statement but looked at again. `recheck` (one SELECT, with the step's `row`)
+        says what is true now: no row = the step's work is done (its last statement went through but
+        the acknowledgement was lost); a row whose `action` is false = do not try again (the step
+        fails with its error); otherwise the row's columns update `row` and the step is rendered and
+        run again from its first statement. So a non-idempotent statement is never blindly repeated,
+        a timed-out DETACH CONCURRENTLY is finalized rather than detached twice, and a REINDEX
+        CONCURRENTLY drops its own half-built copy before building another."""
+        attempts = self.spec.settings.defaults.max_attempts
+        row = context["row"]
+        for number in range(1, attempts + 1):
+            self.attempts = max(self.attempts, number)
+            mark = len(self.result.actions)
+            try:
+                rows, _ = self._execute_statements(self._render("apply", {**context, "row": row}), retry=False)
+                self._count_attempts(mark, number)
+                return rows
+            except psycopg.Error as exc:
+                self._count_attempts(mark, number)
+                if not db.is_transient(exc) or number == attempts:
+                    raise
+                self._before_retry(number)
+                now = self._select("recheck", {**context, "row": row}, read_only=False)
+                if not now:
+                    return 0
+                if now[0].get("action", True) in (False, None):
+                    raise
+                # The failed attempt's actions stay in the record: what it did is part of what the
+                # recheck found.
+                row = {**row, **now[0]}
+        raise AssertionError("unreachable")
 
     def _run_repeated(self, context: dict[str, Any], row: dict[str, Any], index: int, count: int) -> int:
         """`repeat: until_zero_rows`: batches until one touches nothing; `prev` carries the keyset cursor."""
@@ -592,7 +698,7 @@ class _Run:
     def _verify(self, context: dict[str, Any]) -> None:
         if self.opts.dry_run or not self.unit.has_block("verify") or self.result.status == "failed":
             return
-        failures = self._query(render_select(self.unit, "verify", context), read_only=False)
+        failures = self._select("verify", context, read_only=False)
         if failures:
             self.result.status = "failed"
             self.result.error = f"verify: {len(failures)} check(s) failed"
@@ -604,23 +710,31 @@ class _Run:
         if not self.unit.has_block("report"):
             return discovered if self.unit.has_block("discover") else []
         report_context = {**context, "discovered": discovered, "steps": outcomes}
-        return self._query(render_select(self.unit, "report", report_context), read_only=self.opts.dry_run)
+        return self._select("report", report_context, read_only=self.opts.dry_run)
 
     # -- statements -----------------------------------------------------------------------------
 
     def _render(self, block: str, context: Mapping[str, Any]) -> list[Statement]:
         return render_statements(self.unit, block, context)
 
+    def _select(self, block: str, context: Mapping[str, Any], *, read_only: bool) -> list[dict[str, Any]]:
+        """A one-SELECT block's rows; a SELECT changes nothing, so a transient failure (a restart,
+        a lock timeout on a catalog) is simply tried again."""
+        statement = render_select(self.unit, block, context)
+        return self._with_retries(lambda: self._query(statement, read_only=read_only))
+
     def _query(self, statement: Statement, *, read_only: bool) -> list[dict[str, Any]]:
         assert self.conn is not None
         return db.query(self.conn, statement.sql, statement.params, read_only=read_only)
 
     def _execute_statements(
-        self, statements: list[Statement], block_name: str = "apply"
+        self, statements: list[Statement], block_name: str = "apply", *, retry: bool = True
     ) -> tuple[int, dict[str, Any] | None]:
         """Run one step's statements (or only record them in a dry run): (rows affected, last row returned).
 
         `after` always runs outside a transaction (VACUUM cannot run in one), like `transaction: none`.
+        Each transaction (or autocommitted statement) is retried on its own unless `retry` is false
+        (the caller retries the whole step).
         """
         mode = "none" if block_name == "after" else self.unit.meta.transaction
         groups = transaction_blocks(statements, mode, where=f"{self.unit.path.name} ({block_name}): ")
@@ -638,7 +752,7 @@ class _Run:
                 attempt = functools.partial(self._run_one, group[0])
             else:
                 attempt = functools.partial(self._run_transaction, group)
-            rows, last_row = self._with_retries(attempt)
+            rows, last_row = self._with_retries(attempt) if retry else attempt()
             total += rows
             last = last_row if last_row is not None else last
         return total, last
@@ -718,33 +832,32 @@ class _Run:
             raise
         return total, last
 
-    def _with_retries(
-        self, attempt: Callable[[], tuple[int, dict[str, Any] | None]]
-    ) -> tuple[int, dict[str, Any] | None]:
-        defaults = self.spec.settings.defaults
-        for number in range(1, defaults.max_attempts + 1):
+    def _with_retries(self, attempt: Callable[[], T]) -> T:
+        """`attempt`, tried again after a transient error (lock timeout, deadlock, lost connection)
+        up to `max_attempts` times, with backoff; only the final attempt's actions are kept."""
+        attempts = self.spec.settings.defaults.max_attempts
+        for number in range(1, attempts + 1):
             self.attempts = max(self.attempts, number)
             mark = len(self.result.actions)
             try:
                 outcome = attempt()
             except psycopg.Error as exc:
-                if not db.is_transient(exc) or number == defaults.max_attempts:
+                if not db.is_transient(exc) or number == attempts:
                     self._count_attempts(mark, number)
                     raise
-                # Keep only the final attempt's actions; count the attempts on it instead.
                 del self.result.actions[mark:]
-                self._check_cancel()
-                delay = min(
-                    defaults.retry_backoff.total_seconds() * 2 ** (number - 1),
-                    defaults.retry_backoff_max.total_seconds(),
-                )
-                time.sleep(delay * random.uniform(0.5, 1.5))  # noqa: S311 - jitter, not crypto
-                if self.conn is None or self.conn.closed or self.conn.broken:
-                    self._reconnect()
+                self._before_retry(number)
                 continue
             self._count_attempts(mark, number)
             return outcome
         raise AssertionError("unreachable")
+
+    def _before_retry(self, failed_attempt: int) -> None:
+        """Wait out the backoff; replace the work connection if the failure took it down."""
+        self._check_cancel()
+        time.sleep(retry_delay(self.spec, failed_attempt))
+        if self.conn is None or self.conn.closed or self.conn.broken:
+            self._reconnect()
 
     def _count_attempts(self, mark: int, attempts: int) -> None:
         for action in self.result.actions[mark:]:
@@ -781,42 +894,60 @@ class _Run:
         self.result.reason = reason
 
     def _record(self) -> None:
-        if self.ledger is None or self.result.run_id is None:
+        """Complete the run's ledger record with its outcome, actions and findings. The record is
+        the audit trail (an erasure's only proof) and what cooldowns and reports read: when it
+        cannot be written even after reconnecting, the run says so and counts as failed."""
+        if self.ledger is None or self.result.run_id is None or self.recorded:
             return
+        self.recorded = True
+        run_id = self.result.run_id
         try:
-            self.ledger.finish_run(
-                self.result.run_id,
-                status=self.result.status,
-                attempts=max(self.attempts, 1),
-                sqlstate=self.result.sqlstate,
-                error=self.result.error,
-                actions=[a.to_json() | {"attempts": a.attempts} for a in self.result.actions],
-                findings=self.result.findings,
-                summary=None,
-                level_field=self.unit.level_field,
+            self._write_ledger(
+                lambda ledger: ledger.finish_run(
+                    run_id,
+                    status=self.result.status,
+                    attempts=max(self.attempts, 1),
+                    sqlstate=self.result.sqlstate,
+                    error=self.result.error,
+                    actions=[a.to_json() | {"attempts": a.attempts} for a in self.result.actions],
+                    findings=self.result.findings,
+                    summary=None,
+                    level_field=self.unit.level_field,
+                )
             )
-            self.session.purge_once(self.ledger, self.spec)
-        except psycopg.Error:
-            # A ledger hiccup must not turn a finished maintenance run into a failure.
-            pass
-        self.ledger = None  # record once
+        except (psycopg.Error, db.TargetUnavailable) as exc:
+            problem = db.error_summary(exc) if isinstance(exc, psycopg.Error) else str(exc)
+            log.error(
+                f"{self.spec.job.name} on {self.spec.target_name}: run {run_id} could not be recorded in the "
+                f"ledger: {problem}",
+                extra={"job": self.spec.job.name, "target": self.spec.target_name},
+            )
+            note = f"the ledger record of run {run_id} could not be written: {problem}"
+            self.result.status = "failed"
+            self.result.error = f"{self.result.error}; {note}" if self.result.error else note
+            return
+        with contextlib.suppress(psycopg.Error, db.TargetUnavailable):
+            # Old history can go next time; it never decides this run's outcome.
+            self.session.purge_once(self.session.ledger(self.spec), self.spec)
 
     def _record_skip(self) -> None:
-        if self.ledger is None:
+        if self.ledger is None or self.recorded:
             return
-        with contextlib.suppress(psycopg.Error):
-            self.ledger.start_run(
-                job=self.spec.job.name,
-                unit=self.unit.name,
-                target=self.spec.target_name,
-                item=self.spec.item_label,
-                lock_key=self.lock_key,
-                trigger=self.opts.trigger,
-                params={},
-                status="skipped",
-                reason=self.result.reason,
+        self.recorded = True
+        with contextlib.suppress(psycopg.Error, db.TargetUnavailable):
+            self._write_ledger(
+                lambda ledger: ledger.start_run(
+                    job=self.spec.job.name,
+                    unit=self.unit.name,
+                    target=self.spec.target_name,
+                    item=self.spec.item_label,
+                    lock_key=self.lock_key,
+                    trigger=self.opts.trigger,
+                    params={},
+                    status="skipped",
+                    reason=self.result.reason,
+                )
             )
-        self.ledger = None
 
 
 def _outcome_of(cursor: psycopg.RawCursor[dict[str, Any]]) -> tuple[int, dict[str, Any] | None]:

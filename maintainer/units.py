@@ -8,6 +8,7 @@ sandbox in `render.py`, and splits the result into statements with PostgreSQL's 
 from __future__ import annotations
 
 import functools
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ import pglast
 import yaml
 from jinja2 import Template, TemplateSyntaxError, nodes
 from pglast import parser as pg_parser
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from maintainer.render import ArgValue, RenderError, TrustedSql, make_environment, render_with_binds
 from maintainer.values import (
@@ -30,7 +31,7 @@ from maintainer.values import (
     parse_size,
 )
 
-BLOCKS = ("survey", "prepare", "discover", "apply", "after", "verify", "report", "check")
+BLOCKS = ("survey", "prepare", "discover", "apply", "recheck", "after", "verify", "report", "check")
 ParamType = Literal[
     "table",
     "identifier",
@@ -52,6 +53,13 @@ class UnitError(Exception):
     """A unit file that cannot be used; the message names the file (and line when known)."""
 
 
+# Types whose values have an order, so that `min` and `max` apply to them.
+BOUNDED_TYPES = ("integer", "number", "duration", "size")
+# Integer params are bound as bigint unless the unit declares a narrower range (int4 settings and
+# columns need `max: 2147483647`); a value outside would fail only at run time, in the database.
+INT8_MIN, INT8_MAX = -(2**63), 2**63 - 1
+
+
 class ParamSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -61,6 +69,29 @@ class ParamSpec(BaseModel):
     default: Any = None
     description: str | None = None
     choices: list[Any] | None = None
+    # Inclusive bounds for integer, number, duration and size values, written like a value of the
+    # type (`max: 1000`, `max: 1 day`, `max: 1GB`); in a union they bound those types only.
+    min: Any = None
+    max: Any = None
+
+    @model_validator(mode="after")
+    def _bounds_and_default(self) -> ParamSpec:
+        kinds = self.type if isinstance(self.type, list) else [self.type]
+        bounded = [kind for kind in kinds if kind in BOUNDED_TYPES]
+        for name in ("min", "max"):
+            bound = getattr(self, name)
+            if bound is None:
+                continue
+            if not bounded:
+                raise ValueError(f"{name} applies to {', '.join(BOUNDED_TYPES)} params only")
+            for kind in bounded:
+                _coerce_bound(kind, bound, name)
+        if self.default is not None:
+            try:
+                coerce_param(self, self.default)
+            except ValueError as exc:
+                raise ValueError(f"default: {exc}") from None
+        return self
 
 
 class FrontMatter(BaseModel):
@@ -74,6 +105,12 @@ class FrontMatter(BaseModel):
     repeat: Literal["until_zero_rows"] | None = None
     # Units whose runs touch personal data: errors are recorded by SQLSTATE only.
     sensitive: bool = False
+    # What PostgreSQL's error messages in this unit's runs may contain. `untrusted` (the default):
+    # they may quote row values (`invalid input syntax for type integer: "…"`), so a message is
+    # recorded only for SQLSTATE classes that name objects, never values, and the condition name
+    # otherwise. `trusted`: the unit's SQL never makes PostgreSQL quote personal data (it reads
+    # the catalog; its own RAISE messages name tables), so every primary message is kept.
+    messages: Literal["trusted", "untrusted"] = "untrusted"
     # Units that change schema (DDL); refused on targets declared `pooled: true`.
     ddl: bool = False
     # Ceiling for `repeat` loops, so a unit that never converges cannot spin forever.
@@ -84,6 +121,17 @@ class FrontMatter(BaseModel):
     display: list[str] | None = None
     metrics: dict[str, dict[str, Any]] = Field(default_factory=dict)
     alerts: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _messages_of_sensitive_units(self) -> FrontMatter:
+        if self.sensitive and self.messages == "trusted":
+            raise ValueError("sensitive: true records errors by SQLSTATE only; remove messages: trusted")
+        return self
+
+    @property
+    def trusted_messages(self) -> bool:
+        """Whether the runner may record PostgreSQL's primary messages of any SQLSTATE class."""
+        return self.messages == "trusted" and not self.sensitive
 
 
 @dataclass
@@ -121,6 +169,7 @@ class Unit:
             elif spec.required:
                 problems.append(f"{where}: {key}: required param of unit {self.name!r} is missing")
             else:
+                # Checked when the unit was parsed (ParamSpec), so this cannot fail.
                 result[key] = coerce_param(spec, spec.default) if spec.default is not None else None
         if problems:
             raise UnitError("\n".join(problems))
@@ -158,12 +207,17 @@ def coerce_param(spec: ParamSpec, value: Any) -> Any:
         result = value
     elif kind == "integer":
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"expected an integer, got {value!r}")
+            raise ValueError(f"expected an integer, got {_shown(value)}")
         result = value
     elif kind == "number":
         if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ValueError(f"expected a number, got {value!r}")
-        result = float(value)
+            raise ValueError(f"expected a number, got {_shown(value)}")
+        try:
+            result = float(value)
+        except OverflowError:
+            raise ValueError(f"{_shown(value)} is too large for a number") from None
+        if not math.isfinite(result):
+            raise ValueError(f"expected a finite number, got {value!r}")
     elif kind == "boolean":
         if not isinstance(value, bool):
             raise ValueError(f"expected true or false, got {value!r}")
@@ -190,7 +244,36 @@ def coerce_param(spec: ParamSpec, value: Any) -> Any:
         result = value
     if spec.choices is not None and result not in spec.choices:
         raise ValueError(f"{value!r} is not one of {spec.choices}")
+    if kind in BOUNDED_TYPES:
+        _check_bounds(spec, kind, value, result)
     return result
+
+
+def _shown(value: Any) -> str:
+    """A value for a message: huge integers shortened (`int.__repr__` refuses over 4300 digits)."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > 10**30:
+        return f"an integer of {len(str(abs(value))) if abs(value) < 10**4000 else 'over 4000'} digits"
+    return repr(value)
+
+
+def _coerce_bound(kind: str, bound: Any, name: str) -> Any:
+    """A `min`/`max` written in the front matter, as a value of `kind` (`1 day` for a duration)."""
+    try:
+        return coerce_param(ParamSpec.model_construct(type=kind), bound)
+    except ValueError as exc:
+        raise ValueError(f"{name}: {exc}") from None
+
+
+def _check_bounds(spec: ParamSpec, kind: str, value: Any, result: Any) -> None:
+    low = _coerce_bound(kind, spec.min, "min") if spec.min is not None else None
+    high = _coerce_bound(kind, spec.max, "max") if spec.max is not None else None
+    if kind == "integer":
+        low = INT8_MIN if low is None else max(low, INT8_MIN)
+        high = INT8_MAX if high is None else min(high, INT8_MAX)
+    if low is not None and result < low:
+        raise ValueError(f"{_shown(value)} is out of range: at least {spec.min if spec.min is not None else low}")
+    if high is not None and result > high:
+        raise ValueError(f"{_shown(value)} is out of range: at most {spec.max if spec.max is not None else high}")
 
 
 def _trusted_expr(key: Any, value: Any) -> Any:
@@ -211,13 +294,7 @@ def parse_unit(path: Path, name: str | None = None, builtin: bool = False) -> Un
     match = _FRONT_MATTER.match(source)
     if not match:
         raise UnitError(f"{path}: a unit starts with YAML front matter between two '---' lines")
-    try:
-        raw = yaml.safe_load(match.group(1)) or {}
-        meta = FrontMatter(**raw)
-    except yaml.YAMLError as exc:
-        raise UnitError(f"{path}: front matter is not valid YAML: {exc}") from None
-    except (ValidationError, TypeError) as exc:
-        raise UnitError(f"{path}: front matter: {exc}") from None
+    meta = _front_matter(path, match.group(1))
     # Keep the line numbers of the file in Jinja's errors by replacing front matter with blank lines.
     body = "\n" * match.group(0).count("\n") + source[match.end() :]
     env = make_environment()
@@ -232,6 +309,29 @@ def parse_unit(path: Path, name: str | None = None, builtin: bool = False) -> Un
     if "apply" not in template.blocks and "discover" not in template.blocks:
         raise UnitError(f"{path}: a unit needs a discover or an apply block")
     return Unit(name or path.name.removesuffix(".sql.j2"), path, meta, template, builtin, source)
+
+
+def _front_matter(path: Path, text: str) -> FrontMatter:
+    """The validated front matter; each problem one line naming the file and the key."""
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 2}" if mark is not None else ""  # + the opening '---' line
+        raise UnitError(f"{path}: front matter is not valid YAML{where}: {getattr(exc, 'problem', None) or exc}") from None
+    except (RecursionError, ValueError, TypeError, OverflowError) as exc:
+        raise UnitError(f"{path}: front matter is not valid YAML: {exc}") from None
+    from maintainer.config import describe_validation_error, structure_problems
+
+    problems = structure_problems(raw)
+    if not isinstance(raw, dict):
+        problems.append("(top level): must be a mapping (description, params, transaction, ...)")
+    if problems:
+        raise UnitError("\n".join(f"{path}: front matter: {problem}" for problem in problems))
+    try:
+        return FrontMatter(**raw)
+    except ValidationError as exc:
+        raise UnitError("\n".join(describe_validation_error(f"{path}: front matter", exc))) from None
 
 
 def _refuse_unguarded_output(tree: nodes.Template, path: Path) -> None:
