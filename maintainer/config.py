@@ -7,6 +7,7 @@ before anything touches a database.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from datetime import time, timedelta
@@ -16,6 +17,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from apscheduler.triggers.cron import CronTrigger
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -24,15 +26,36 @@ from pydantic import (
     ValidationError,
     field_validator,
 )
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, SettingsError
 
-from maintainer.values import parse_duration, parse_size
+from maintainer.db import TargetUnavailable, dsn_problem
+from maintainer.values import format_duration, parse_duration, parse_size, practical_duration
 
-Duration = Annotated[timedelta, BeforeValidator(parse_duration)]
+Duration = Annotated[timedelta, BeforeValidator(parse_duration), AfterValidator(practical_duration)]
 Size = Annotated[int, BeforeValidator(parse_size)]
 
-NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]*$")
-TARGET_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
+# Used with fullmatch: `$` would also accept a trailing newline.
+NAME_RE = re.compile(r"[a-z0-9][a-z0-9-]*")
+TARGET_NAME_RE = re.compile(r"[a-z0-9][a-z0-9_-]*")
+# lock_timeout and statement_timeout are int4 milliseconds in PostgreSQL.
+MAX_GUC_TIMEOUT = timedelta(milliseconds=2**31 - 1)
+
+
+def _guc_timeout(value: timedelta | None) -> timedelta | None:
+    """A duration PostgreSQL accepts as lock_timeout / statement_timeout (0 disables it)."""
+    if value is None:
+        return None
+    if value > MAX_GUC_TIMEOUT:
+        raise ValueError(
+            f"{format_duration(value)} is longer than PostgreSQL allows for a timeout "
+            "(2147483647ms, about 24 days; 0 disables it)"
+        )
+    if timedelta(0) < value < timedelta(milliseconds=1):
+        raise ValueError("is shorter than 1ms, which PostgreSQL would round to 0 (no timeout at all)")
+    return value
+
+
+GucTimeout = Annotated[timedelta, BeforeValidator(parse_duration), AfterValidator(_guc_timeout)]
 
 
 class ConfigError(Exception):
@@ -54,18 +77,63 @@ class Target(Strict):
     # declared pooled refuses DDL units instead of failing half-way.
     pooled: bool = False
 
+    @field_validator("dsn")
+    @classmethod
+    def _usable_dsn(cls, value: SecretStr | None) -> SecretStr | None:
+        problem = dsn_problem(value.get_secret_value()) if value is not None else None
+        if problem is not None:
+            raise ValueError(problem)
+        return value
+
     def conninfo(self) -> str:
-        """The DSN, read from `dsn_file` at use so rotated secrets are picked up."""
+        """The DSN, read from `dsn_file` at use so rotated secrets are picked up.
+
+        A DSN libpq cannot use raises `TargetUnavailable` with a message that never quotes it
+        (libpq's own would quote a piece of the password); every caller already handles that.
+        """
         if self.dsn is not None:
-            return self.dsn.get_secret_value()
-        if self.dsn_file is not None:
-            return self.dsn_file.read_text().strip()
-        raise ValueError("target has neither dsn nor dsn_file")
+            text, source = self.dsn.get_secret_value(), "dsn"
+        elif self.dsn_file is not None:
+            text, source = self.dsn_file.read_text().strip(), f"dsn_file {self.dsn_file}"
+        else:
+            raise ValueError("target has neither dsn nor dsn_file")
+        problem = dsn_problem(text)
+        if problem is not None:
+            raise TargetUnavailable(f"{source}: {problem}")
+        return text
+
+
+class Throttle(Strict):
+    """Pacing (SPEC §12): before each batch of a repeated step and each step of a DDL unit, wait
+    while a standby replays too far behind or a replication slot retains too much WAL."""
+
+    max_replica_lag: Duration = timedelta(seconds=30)
+    max_replica_lag_bytes: Size = 1024**3
+    # Waiting longer than this over one run stops it at a safe point (a warn finding; the next run resumes).
+    max_wait: Duration = timedelta(minutes=10)
+    # How often the primary is asked again while waiting.
+    check_every: Duration = timedelta(seconds=1)
+
+
+class ThrottleOverride(Strict):
+    """A job's `throttle:`: the keys it sets override `defaults.throttle`."""
+
+    max_replica_lag: Duration | None = None
+    max_replica_lag_bytes: Size | None = None
+    max_wait: Duration | None = None
+    check_every: Duration | None = None
+
+
+def _throttle_off(value: Any) -> Any:
+    # YAML 1.1 reads a bare `off` as false; both spellings turn pacing off for the job.
+    if value is False or (isinstance(value, str) and value.strip().lower() == "off"):
+        return False
+    return value
 
 
 class Defaults(Strict):
-    lock_timeout: Duration = timedelta(seconds=2)
-    statement_timeout: Duration = timedelta(hours=1)
+    lock_timeout: GucTimeout = timedelta(seconds=2)
+    statement_timeout: GucTimeout = timedelta(hours=1)
     max_attempts: int = Field(default=3, ge=1, le=20)
     # First retry waits about this long; each further retry doubles it (with jitter), capped.
     retry_backoff: Duration = timedelta(milliseconds=500)
@@ -75,11 +143,20 @@ class Defaults(Strict):
     reconnect_window: Duration = timedelta(seconds=15)
     # Ledger records older than this are purged at the end of runs.
     history_retention: Duration = timedelta(days=90)
+    throttle: Throttle = Throttle()
 
 
 class Http(Strict):
     listen: str = "0.0.0.0:9188"
     trigger_token_file: Path | None = None
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, value: str) -> str:
+        from maintainer.httpserver import parse_listen
+
+        parse_listen(value)
+        return value
 
 
 class Sentry(Strict):
@@ -122,7 +199,7 @@ class Settings(BaseSettings):
     @classmethod
     def _target_names(cls, targets: dict[str, Target]) -> dict[str, Target]:
         for name, target in targets.items():
-            if not TARGET_NAME_RE.match(name):
+            if not TARGET_NAME_RE.fullmatch(name):
                 raise ValueError(f"target name {name!r} must match [a-z0-9][a-z0-9_-]*")
             if (target.dsn is None) == (target.dsn_file is None):
                 raise ValueError(f"target {name!r} needs exactly one of dsn or dsn_file")
@@ -232,8 +309,8 @@ class Window(Strict):
 
 
 class Timeouts(Strict):
-    lock: Duration | None = None
-    statement: Duration | None = None
+    lock: GucTimeout | None = None
+    statement: GucTimeout | None = None
 
 
 class Job(Strict):
@@ -245,6 +322,8 @@ class Job(Strict):
     targets: list[str] | None = None
     window: str | None = None
     timeouts: Timeouts = Timeouts()
+    # `off` (or false): this job never waits for standbys; a map overrides keys of defaults.throttle.
+    throttle: Annotated[Literal[False] | ThrottleOverride | None, BeforeValidator(_throttle_off)] = None
     params: dict[str, Any] = Field(default_factory=dict)
     items: list[dict[str, Any]] | None = None
     source: Path | None = Field(default=None, exclude=True)
@@ -252,7 +331,7 @@ class Job(Strict):
     @field_validator("name")
     @classmethod
     def _name(cls, value: str) -> str:
-        if not NAME_RE.match(value):
+        if not NAME_RE.fullmatch(value):
             raise ValueError(f"job name {value!r} must match [a-z0-9][a-z0-9-]*")
         return value
 
@@ -278,32 +357,124 @@ class Job(Strict):
         return Window.parse(self.window) if self.window else None
 
 
-def describe_validation_error(source: str, error: ValidationError) -> list[str]:
-    """One line per problem: `file: key.path: what is wrong`."""
+def describe_validation_error(source: str, error: ValidationError, *, environment: bool = False) -> list[str]:
+    """One line per problem: `file: key.path: what is wrong`.
+
+    With `environment`, a problem whose value came from a `MAINTAINER_…` variable names that
+    variable instead of the file.
+    """
     lines = []
     for problem in error.errors():
-        where = ".".join(str(part) for part in problem["loc"]) or "(top level)"
+        where = key_path(problem["loc"])
         if problem["type"] == "extra_forbidden":
             message = "unknown key"
         elif problem["type"] == "missing":
             message = "required key is missing"
         else:
             message = problem["msg"].removeprefix("Value error, ")
-        lines.append(f"{source}: {where}: {message}")
+        origin = (_environment_source(problem["loc"]) if environment else None) or source
+        lines.append(one_line(f"{origin}: {where}: {message}"))
     return lines
+
+
+_PLAIN_KEY = re.compile(r"[A-Za-z0-9_.-]+")
+
+
+def key_path(loc: tuple[Any, ...] | list[Any]) -> str:
+    """`defaults.lock_timeout`, `items[1].table`; a key that is not plain text is shown quoted, so
+    a key holding a newline or markup cannot split or restyle the message."""
+    text = ""
+    for part in loc:
+        if isinstance(part, int):
+            text += f"[{part}]"
+        else:
+            name = str(part) if _PLAIN_KEY.fullmatch(str(part)) else repr(part)
+            text += f".{name}" if text else name
+    return text or "(top level)"
+
+
+def one_line(message: str) -> str:
+    """A problem is printed as one line whatever text it quotes."""
+    return message.replace("\r", "\\r").replace("\n", "\\n")
+
+
+def _environment_source(loc: tuple[Any, ...] | list[Any]) -> str | None:
+    """The `MAINTAINER_…` variable a validated value came from, if one did (the longest match)."""
+    names = {name.upper(): name for name in os.environ}
+    for end in range(len(loc), 0, -1):
+        candidate = "MAINTAINER_" + "__".join(str(part).upper() for part in loc[:end])
+        if candidate in names:
+            return f"environment {names[candidate]}"
+    return None
 
 
 def _read_yaml(path: Path) -> Any:
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError([f"{path}: cannot read: {exc.strerror}"]) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError([f"{path}: not UTF-8 text (byte {exc.start}): save it as UTF-8"]) from None
     try:
-        return yaml.safe_load(text)
+        data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}" if mark is not None else "somewhere"
-        raise ConfigError([f"{path}: invalid YAML at {where}: {getattr(exc, 'problem', exc)}"]) from None
+        raise ConfigError([one_line(f"{path}: invalid YAML at {where}: {getattr(exc, 'problem', exc)}")]) from None
+    except RecursionError:
+        raise ConfigError([f"{path}: invalid YAML: nested too deeply"]) from None
+    except (ValueError, TypeError, OverflowError) as exc:
+        # A tagged value PyYAML cannot build, e.g. `!!timestamp 2024-13-45`.
+        raise ConfigError([one_line(f"{path}: invalid YAML value: {exc}")]) from None
+    problems = structure_problems(data)
+    if problems:
+        raise ConfigError([f"{path}: {problem}" for problem in problems])
+    return data
+
+
+# Deeper than any real configuration; keeps the walk below far from Python's recursion limit.
+_MAX_DEPTH = 50
+
+
+def structure_problems(data: Any) -> list[str]:
+    """What YAML allows but a configuration cannot hold: keys that are not strings (`1: 2`,
+    `yes: …`), NUL characters, aliases that contain themselves, absurd nesting. One line each."""
+    problems: list[str] = []
+    _walk(data, [], set(), problems)
+    return problems[:20]
+
+
+def _walk(value: Any, loc: list[Any], open_ids: set[int], problems: list[str]) -> None:
+    where = key_path(loc)
+    if isinstance(value, str):
+        if "\x00" in value:
+            problems.append(f"{where}: contains a NUL character")
+        return
+    if not isinstance(value, dict | list):
+        return
+    if id(value) in open_ids:
+        problems.append(f"{where}: a YAML alias refers to a value that contains it")
+        return
+    if len(loc) > _MAX_DEPTH:
+        problems.append(f"{where}: nested more than {_MAX_DEPTH} levels deep")
+        return
+    open_ids.add(id(value))
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                problems.append(
+                    f"{where}: key {key!r} is not a string: quote it (YAML reads numbers, yes/no, on/off, "
+                    "null and dates as other types)"
+                )
+                continue
+            if "\x00" in key:
+                problems.append(f"{where}: key {key!r} contains a NUL character")
+                continue
+            _walk(item, [*loc, key], open_ids, problems)
+    else:
+        for index, item in enumerate(value):
+            _walk(item, [*loc, index], open_ids, problems)
+    open_ids.discard(id(value))
 
 
 def config_path(explicit: str | os.PathLike[str] | None) -> Path:
@@ -320,7 +491,9 @@ def load_settings(path: Path) -> Settings:
     try:
         settings = Settings(**data)
     except ValidationError as exc:
-        raise ConfigError(describe_validation_error(str(path), exc)) from None
+        raise ConfigError(describe_validation_error(str(path), exc, environment=True)) from None
+    except SettingsError as exc:
+        raise ConfigError([_environment_problem(exc)]) from None
     base = path.parent
     # Relative directories are relative to the config file, not to the working directory.
     updates: dict[str, Any] = {}
@@ -335,10 +508,43 @@ def load_settings(path: Path) -> Settings:
     }
     if targets:
         updates["targets"] = {**settings.targets, **targets}
+    problems = [
+        f"{path}: targets.{name}.dsn_file: {problem}"
+        for name, target in {**settings.targets, **targets}.items()
+        if (problem := _dsn_file_problem(target)) is not None
+    ]
+    if problems:
+        raise ConfigError(problems)
     token = settings.http.trigger_token_file
     if token is not None and not token.is_absolute():
         updates["http"] = settings.http.model_copy(update={"trigger_token_file": base / token})
     return settings.model_copy(update=updates) if updates else settings
+
+
+def _environment_problem(exc: SettingsError) -> str:
+    """pydantic-settings could not decode a `MAINTAINER_…` variable (JSON for a nested key)."""
+    match = re.search(r'field "([^"]+)"', str(exc))
+    variable = f"MAINTAINER_{match.group(1).upper()}" if match else "a MAINTAINER_ variable"
+    cause = exc.__cause__
+    # json's messages give a position, never the text: the value may be a DSN with a password.
+    why = f"{cause.msg} at line {cause.lineno} column {cause.colno}" if isinstance(cause, json.JSONDecodeError) else ""
+    return one_line(
+        f"environment {variable}: not valid JSON{f' ({why})' if why else ''}: a nested key takes a JSON "
+        f"object, e.g. {variable}='{{\"app\": {{\"dsn\": \"postgresql://…\"}}}}', or set one key with "
+        f"{variable}__<KEY>=value"
+    )
+
+
+def _dsn_file_problem(target: Target) -> str | None:
+    """A readable dsn_file whose content libpq cannot use (checked again at every connection)."""
+    if target.dsn_file is None:
+        return None
+    try:
+        text = target.dsn_file.read_text().strip()
+    except (OSError, UnicodeDecodeError):
+        return None  # may appear later (a secret mounted after start); each run reports it
+    problem = dsn_problem(text)
+    return f"{target.dsn_file}: {problem}" if problem else None
 
 
 def load_jobs(jobs_dir: Path) -> list[Job]:
@@ -356,6 +562,9 @@ def load_jobs(jobs_dir: Path) -> list[Job]:
             continue
         if not isinstance(data, dict):
             problems.append(f"{path}: a job file must be a mapping (name, unit, schedule, ...)")
+            continue
+        if "source" in data:
+            problems.append(f"{path}: source: unknown key")  # the field that records the file itself
             continue
         try:
             job = Job(**data, source=path)

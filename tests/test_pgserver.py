@@ -16,7 +16,7 @@ import pytest
 from maintainer import pgserver
 from maintainer.pgserver import ClusterStartError, LocalCluster, ServerKind, available_kinds
 
-EXPECTED_MAJOR = {"pg18-embedded": 18, "pg15-system": 15}
+EXPECTED_MAJOR = {"pg18-embedded": 18, "pg17-wheel": 17, "pg15-system": 15}
 
 KINDS = [pytest.param(kind, id=kind.name) for kind in available_kinds()]
 
