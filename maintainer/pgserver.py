@@ -559,6 +559,12 @@ class LocalCluster:
             raise
         return self
 
+    def halt(self, mode: str = "fast") -> None:
+        """Stop the server but keep its data (a primary that goes away in a failover test)."""
+        rc, out = self._pg_ctl("stop", "-m", mode, "-t", "30")
+        if rc != 0:
+            raise PgServerError(f"stop failed:\n{out.strip()}")
+
     def promote(self) -> None:
         """Promote a standby to primary and wait until it accepts writes."""
         rc, out = self._pg_ctl("promote", "-t", str(_START_TIMEOUT_S))
