@@ -25,10 +25,22 @@ import psycopg
 from maintainer.config import Throttle
 from maintainer.values import human_seconds, human_size
 
-# One round trip: every standby's replay lag (time and bytes) and every slot's retained WAL.
-# replay_lag is NULL once a standby has caught up and the primary is idle: no lag then. Bytes count
-# from the insert position: WAL of asynchronous commits not yet written out is lag too.
-_REPLICATION_STATE = """
+# Asked before every batch, so it must cost next to nothing: the functions behind
+# pg_stat_replication and pg_replication_slots (the view also joins every backend's activity), the
+# worst value of each signal only, prepared once per connection (~0.2-0.6 ms). replay_lag is NULL
+# once a standby has caught up and the primary is idle: no lag then. Bytes count from the insert
+# position: WAL of asynchronous commits not yet written out is lag too.
+_WORST = """
+SELECT (SELECT max(extract(epoch FROM w.replay_lag))::float8 FROM pg_stat_get_wal_senders() w) AS replica_lag,
+       (SELECT max(pg_wal_lsn_diff(l.pos, w.replay_lsn))::float8 FROM pg_stat_get_wal_senders() w)
+           AS replica_lag_bytes,
+       (SELECT max(pg_wal_lsn_diff(l.pos, s.restart_lsn))::float8 FROM pg_get_replication_slots() s)
+           AS slot_retained_bytes
+  FROM (SELECT pg_current_wal_insert_lsn() AS pos) l
+"""
+
+# Only while something is over its limit: which standby or slot, by name, for the message.
+_DETAILS = """
 SELECT 'replica_lag' AS reason, coalesce(nullif(application_name, ''), client_addr::text, pid::text) AS subject,
        extract(epoch FROM replay_lag)::float8 AS value
   FROM pg_stat_replication
@@ -70,7 +82,10 @@ def over_limits(conn: psycopg.Connection[Any], throttle: Throttle) -> list[Signa
         "replica_lag_bytes": float(throttle.max_replica_lag_bytes),
         "slot_retained_bytes": float(throttle.max_replica_lag_bytes),
     }
-    rows = conn.execute(_REPLICATION_STATE, prepare=False).fetchall()
+    worst = conn.execute(_WORST, prepare=True).fetchone()
+    if worst is None or not any(value is not None and value > limits[reason] for reason, value in worst.items()):
+        return []
+    rows = conn.execute(_DETAILS, prepare=False).fetchall()
     signals = [
         Signal(row["reason"], row["subject"], row["value"], limits[row["reason"]])
         for row in rows
