@@ -269,14 +269,16 @@ class Ledger:
         findings: Sequence[dict[str, Any]],
         summary: dict[str, Any] | None,
         level_field: str | None,
-    ) -> None:
+    ) -> bool:
+        """Complete a run's record; False when no record `run_id` exists here (it was written on a
+        server whose last commits a failover lost, or the ledger was restored from a backup)."""
         # One statement, so one round trip and atomic without BEGIN/COMMIT: the run's outcome, its
         # actions and its findings. Actions and findings travel as one JSON document each (dumped by
         # the json module's C code; psycopg's array dumper escapes element by element in Python).
         # Only an unfinished record is completed, so repeating a finish whose acknowledgement was lost
         # changes nothing; `interrupted` counts as unfinished: another runner marks a record so when
         # it took the lock while this run's server was restarting, and the real outcome is better.
-        self.conn.execute(
+        row = self.conn.execute(
             sql.SQL(
                 "WITH finished AS ("
                 " UPDATE {s}.run SET status = %s, finished_at = now(), attempts = %s, sqlstate = %s,"
@@ -290,7 +292,7 @@ class Ledger:
                 " INSERT INTO {s}.finding (run_id, seq, level, data)"
                 " SELECT f.id, d.seq, d.level, d.data FROM finished f,"
                 " jsonb_to_recordset(%s) AS d(seq int, level text, data jsonb))"
-                " SELECT 1"
+                " SELECT EXISTS (SELECT 1 FROM {s}.run WHERE id = %s) AS present"
             ).format(s=self._s),
             (
                 status,
@@ -306,8 +308,10 @@ class Ledger:
                         for i, f in enumerate(findings, 1)
                     ]
                 ),
+                run_id,
             ),
-        )
+        ).fetchone()
+        return bool(row and row["present"])
 
     def purge(self, older_than: timedelta) -> int:
         cur = self.conn.execute(

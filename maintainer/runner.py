@@ -942,20 +942,35 @@ class _Run:
         self.recorded = True
         run_id = self.result.run_id
         summary = {"throttled_seconds": self.result.throttled_seconds} if self.result.throttled_seconds else None
-        try:
-            self._write_ledger(
-                lambda ledger: ledger.finish_run(
-                    run_id,
-                    status=self.result.status,
-                    attempts=max(self.attempts, 1),
-                    sqlstate=self.result.sqlstate,
-                    error=self.result.error,
-                    actions=[a.to_json() | {"attempts": a.attempts} for a in self.result.actions],
-                    findings=self.result.findings,
-                    summary=summary,
-                    level_field=self.unit.level_field,
-                )
+
+        def finish(ledger: Ledger, record: int) -> bool:
+            return ledger.finish_run(
+                record,
+                status=self.result.status,
+                attempts=max(self.attempts, 1),
+                sqlstate=self.result.sqlstate,
+                error=self.result.error,
+                actions=[a.to_json() | {"attempts": a.attempts} for a in self.result.actions],
+                findings=self.result.findings,
+                summary=summary,
+                level_field=self.unit.level_field,
             )
+
+        try:
+            if not self._write_ledger(lambda ledger: finish(ledger, run_id)):
+                # The start record is gone: written on a primary whose last commits the failover lost.
+                # The run happened all the same; it gets a record of its own on this server.
+                log.warning(f"{self.spec.job.name} on {self.spec.target_name}: run {run_id} has no ledger record on "
+                            "this server (lost in a failover?); recording it anew",
+                            extra={"job": self.spec.job.name, "target": self.spec.target_name})
+                self.result.run_id = run_id = self._write_ledger(
+                    lambda ledger: ledger.start_run(
+                        job=self.spec.job.name, unit=self.unit.name, target=self.spec.target_name,
+                        item=self.spec.item_label, lock_key=self.lock_key, trigger=self.opts.trigger,
+                        params=json_safe(_loggable(self.spec.params)),
+                    )
+                )
+                self._write_ledger(lambda ledger: finish(ledger, run_id))
         except (psycopg.Error, db.TargetUnavailable) as exc:
             problem = db.error_summary(exc) if isinstance(exc, psycopg.Error) else str(exc)
             log.error(

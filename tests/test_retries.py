@@ -211,3 +211,25 @@ def test_a_copy_that_cannot_be_dropped_stops_the_retries(workspace: Workspace, d
     again = run_reindex(workspace, "reindex")
     assert again["status"] == "ok", again["error"]
     assert invalid_copies(db) == []
+
+
+def test_a_run_whose_start_record_vanished_is_recorded_anew(workspace: Workspace, db: Database) -> None:
+    # What a failover that lost the last asynchronously replicated commits looks like to a run: the
+    # new primary has no record of its start. The run's outcome must not vanish with it.
+    workspace.unit("slow", SLOW_UNIT)
+    workspace.job("slow", unit="slow")
+    outcome: dict[str, Any] = {}
+    worker = threading.Thread(target=lambda: outcome.update(result=workspace.cli("trigger", "slow", "--json")))
+    worker.start()
+    try:
+        wait_for(lambda: bool(db.execute("SELECT 1 FROM pg_stat_activity WHERE application_name = 'pg-maintainer slow'"
+                                         " AND query LIKE 'SELECT pg_sleep%'")), "the first step runs")
+        db.execute("DELETE FROM maintainer.run")
+    finally:
+        worker.join(timeout=60)
+    [printed] = json.loads(outcome["result"].output)["runs"]
+    assert printed["status"] == "ok", printed
+    [(run_id, status, findings)] = db.execute(
+        "SELECT r.id, r.status, (SELECT count(*) FROM maintainer.finding f WHERE f.run_id = r.id)"
+        " FROM maintainer.run r")
+    assert (run_id, status, findings) == (printed["run_id"], "ok", 2)
