@@ -14,10 +14,11 @@ from typing import Any, Literal
 
 import psycopg
 
-from maintainer import db
+from maintainer import db, pooler
 from maintainer.project import Project
+from maintainer.render import RenderError
 from maintainer.runner import RunOptions, run_all
-from maintainer.units import split_statements
+from maintainer.units import UnitError, split_statements
 
 
 class PlaceholderArgs(dict[str, Any]):
@@ -80,6 +81,8 @@ def _check_target(project: Project, name: str) -> list[Check]:
         conninfo = target.conninfo()
     except OSError as exc:
         return [Check("error", subject, f"cannot read dsn_file: {exc.strerror}")]
+    except db.TargetUnavailable as exc:  # a DSN libpq cannot parse; the message never quotes it
+        return [Check("error", subject, str(exc))]
     checks: list[Check] = []
     if re.search(r"(:|port\s*=\s*)6432\b", conninfo):
         checks.append(
@@ -95,6 +98,7 @@ def _check_target(project: Project, name: str) -> list[Check]:
     except db.TargetUnavailable as exc:
         return [*checks, Check("error", subject, f"cannot connect: {exc}")]
     try:
+        pooled = _pooler_check(name, pooler.probe(conn))  # first, before anything else runs on it
         info = conn.execute(
             "SELECT current_setting('server_version') AS version, current_user AS role,"
             " pg_is_in_recovery() AS recovery,"
@@ -107,6 +111,7 @@ def _check_target(project: Project, name: str) -> list[Check]:
         assert info is not None
         role = f"role {info['role']}" + (" (superuser)" if info["superuser"] else "")
         checks.append(Check("ok", subject, f"connected: PostgreSQL {info['version']}, {role}"))
+        checks.append(pooled)
         if info["recovery"]:
             checks.append(Check("warn", subject, "is a replica in recovery: every run will be skipped"))
         if info["ledger_writable"] is False or (info["ledger_writable"] is None and not info["can_create"]):
@@ -126,6 +131,25 @@ def _check_target(project: Project, name: str) -> list[Check]:
     return checks
 
 
+def _pooler_check(target: str, found: pooler.Probe) -> Check:
+    """Whether the target's connection goes through a pooler (SPEC §12): an error when it does,
+    since every run on it would be refused with exit code 2."""
+    subject = f"target {target}"
+    if found.pooled:
+        return Check(
+            "error", subject,
+            f"{pooler.refusal(target, found)}; until then every run on it is refused (exit code 2); "
+            "history, report and jobs still read through it",
+        )
+    if found.port_differs:
+        return Check(
+            "warn", subject,
+            f"{found.signal()}: a port mapping, a proxy or a pooler sits in between; PostgreSQL's own session "
+            "comes through (the backend pid matches), so runs go on",
+        )
+    return Check("ok", subject, "direct connection to PostgreSQL (no pooler in between)")
+
+
 def _unit_checks(project: Project, target: str, conn: psycopg.Connection[Any]) -> list[Check]:
     """Each used unit's `check` block: rows with `level` and `message` (missing grants, extensions)."""
     checks: list[Check] = []
@@ -134,10 +158,15 @@ def _unit_checks(project: Project, target: str, conn: psycopg.Connection[Any]) -
         unit = project.units[name]
         if not unit.has_block("check"):
             continue
-        text, values = unit.render_block(
-            "check", {"target": target, "params": {}, "args": {}, "state_schema": project.settings.state_schema}
-        )
-        for statement in split_statements(text, values):
+        try:
+            text, values = unit.render_block(
+                "check", {"target": target, "params": {}, "args": {}, "state_schema": project.settings.state_schema}
+            )
+            statements = split_statements(text, values, where=f"{unit.path.name} (check): ")
+        except (RenderError, UnitError) as exc:
+            checks.append(Check("error", f"unit {name} on {target}", str(exc)))
+            continue
+        for statement in statements:
             for row in db.query(conn, statement.sql, statement.params, read_only=True):
                 level, message = str(row["level"]), str(row["message"])
                 checks.append(

@@ -30,16 +30,127 @@ class TargetUnavailable(Exception):
     """The target database cannot be reached; the message carries no credentials."""
 
 
+_URL_SCHEME = re.compile(r"postgres(?:ql)?://", re.IGNORECASE)
+# A URL DSN in free text: the scheme, the token (up to a space or the next URL), and the rest of its
+# line up to the next URL (a password with an unescaped space continues there).
+_URL_DSN = re.compile(
+    r"(postgres(?:ql)?://)(\S*?)(?=postgres(?:ql)?://|\s|\Z)((?:(?!postgres(?:ql)?://)[^\n])*)", re.IGNORECASE
+)
+# `password=` in a key=value DSN or a URL's query. A value in quotes with `\'` escapes that ends
+# cleanly is the whole value; anything else (no quotes, an unclosed quote, text glued to the quote)
+# may be a password with an unquoted space, so the words after it go too, up to the next `key=`.
+_KV_PASSWORD = re.compile(
+    r"(password\s*=\s*)"
+    r"(?:'(?:\\.|[^'\\])*'(?=\s|\Z)"
+    r"|(?:'(?:\\.|[^'\\])*(?:'|\Z)|\\.|[^\s'])+(?:[ \t]+(?![A-Za-z_][A-Za-z0-9_]*\s*=)\S+)*)",
+    re.IGNORECASE,
+)
+# A host name holding `@` can only come from a URL whose password held an unescaped `@` (libpq cut
+# the userinfo at the first one): what follows it in such a name is the rest of the password.
+_HOST_WITH_AT = re.compile(r"""((?:host(?:\s+name)?|server\s+at)\s+)(["'])[^"'\n]*@[^"'\n]*\2""", re.IGNORECASE)
+_PLAIN_USER = re.compile(r"[^:@/?#\s]*")
+_PORT_LIST = re.compile(r"\d*(?:,[^,:/\s]*(?::\d*)?)*")
+REDACTED_CONNINFO = "<connection string not shown: it may hold a password>"
+
+
 def redact_dsn(text: str) -> str:
-    """Remove passwords from anything that may contain a connection string."""
-    text = re.sub(r"(postgres(?:ql)?://[^:/@\s]*:)[^@\s]*@", r"\1***@", text)
-    return re.sub(r"(password\s*=\s*)('[^']*'|\S+)", r"\1***", text, flags=re.IGNORECASE)
+    """Remove passwords from anything that may contain a connection string.
+
+    Works on any DSN, parsed or not: a text that is one valid DSN is parsed (psycopg's conninfo)
+    and rebuilt without its password; in free text, URL userinfo and `password=` values are cut
+    out, erring on removing too much when the DSN is malformed (an `@` or a space that should
+    have been escaped).
+    """
+    whole = _redacted_conninfo(text)
+    if whole is not None:
+        return whole
+    text = _URL_DSN.sub(lambda m: m.group(1) + _redact_url(m), text)
+    text = _KV_PASSWORD.sub(r"\1***", text)
+    return _HOST_WITH_AT.sub(r"\1\2***\2", text)
+
+
+def _redacted_conninfo(text: str) -> str | None:
+    """`text` rebuilt without its password when it is exactly one valid DSN holding one."""
+    candidate = text.strip()
+    if "\n" in candidate or ("password" not in candidate.lower() and "@" not in candidate):
+        return None
+    if dsn_problem(candidate) is not None:
+        return None
+    try:
+        params = psycopg.conninfo.conninfo_to_dict(candidate)
+    except (psycopg.Error, ValueError, TypeError):
+        return None
+    if "password" not in params:
+        return None
+    params["password"] = "***"  # noqa: S105 - the placeholder that replaces it
+    return psycopg.conninfo.make_conninfo(**params)  # type: ignore[arg-type]
+
+
+def _redact_url(match: re.Match[str]) -> str:
+    """One URL DSN (its token, and the rest of its line for when the token ended too early)."""
+    token, rest = match.group(2), match.group(3)
+    if "@" in token:
+        # libpq ends the userinfo at the first `@`; a password with an unescaped `@` continues to
+        # the last one. Cutting to the last removes the whole password either way.
+        userinfo, _, after = token.rpartition("@")
+        user = userinfo.partition(":")[0]
+        if ":" not in userinfo:
+            return token + _KV_PASSWORD.sub(r"\1***", rest)
+        shown = f"{user}:***@" if _PLAIN_USER.fullmatch(user) else "***@"
+        return shown + _KV_PASSWORD.sub(r"\1***", after) + rest
+    authority = re.split(r"[/?]", token, maxsplit=1)[0]
+    authority = re.sub(r"\[[^\]]*\]", "", authority)  # IPv6 literals hold colons of their own
+    host_port = [part.partition(":")[2] for part in authority.split(",") if ":" in part]
+    if all(_PORT_LIST.fullmatch(port) for port in host_port):
+        return token + rest
+    # `user:pass word@host`: the token stopped at a space inside the password, which runs to the
+    # last `@` of the line (or, without one, to the end of the token).
+    user = authority.partition(":")[0]
+    shown = f"{user}:***" if _PLAIN_USER.fullmatch(user) else "***"
+    _, at, after_at = rest.rpartition("@")
+    return f"{shown}@{after_at}" if at else shown + rest
+
+
+def dsn_problem(dsn: str) -> str | None:
+    """Why `dsn` cannot be used as a connection string, in words that never quote it; None if fine.
+
+    libpq's own messages quote the offending part (`missing "=" after "b"`), which is often a piece
+    of the password, and a URL whose password holds an unescaped `@` parses "successfully" with the
+    rest of the password as the host name. Both are refused here, before any connection attempt.
+    """
+    if "\x00" in dsn:
+        return "the connection string contains a NUL character"
+    url = _URL_SCHEME.match(dsn.strip())
+    if url:
+        rest = dsn.strip()[url.end() :]
+        before_query = rest.split("?", 1)[0]
+        authority = before_query.split("/", 1)[0]
+        if before_query.count("@") > 1 or "@" in before_query[len(authority) :]:
+            return (
+                "the connection URL holds an '@' besides the one before its host: percent-encode '@', '/' "
+                "and '?' in a user name or password (%40, %2F, %3F; the value is not shown: it may hold "
+                "a password)"
+            )
+    try:
+        psycopg.conninfo.conninfo_to_dict(dsn)
+    except (psycopg.Error, ValueError, TypeError):
+        return (
+            "not a valid connection string: in key=value form quote a value holding spaces or quotes "
+            "(password='a b', a quote inside written \\'); in a URL percent-encode them (%20, %27, %40 for @) "
+            "(the text is not shown: it may hold a password)"
+        )
+    return None
 
 
 def connect(
     conninfo: str, *, application_name: str = APPLICATION_NAME, connect_timeout: int = 10
 ) -> psycopg.Connection[Any]:
-    """A direct autocommit connection; transactions are opened explicitly by the runner."""
+    """An autocommit connection; transactions are opened explicitly by the runner.
+
+    psycopg's automatic prepared statements are off (`prepare_threshold=None`): on a connection
+    that turns out to go through a transaction-mode pooler they would be left on the pooler's server
+    connections. `pooler.require_direct` turns them back on once the connection is known to be direct.
+    """
     try:
         return psycopg.connect(
             conninfo,
@@ -47,6 +158,7 @@ def connect(
             application_name=application_name,
             connect_timeout=connect_timeout,
             row_factory=dict_row,
+            prepare_threshold=None,
         )
     except psycopg.OperationalError as exc:
         raise TargetUnavailable(
@@ -110,15 +222,63 @@ def is_transient(exc: BaseException) -> bool:
     return isinstance(exc, psycopg.OperationalError) and state is None
 
 
-def error_summary(exc: BaseException, *, sensitive: bool = False) -> str:
-    """The primary message only: DETAIL and CONTEXT can quote row values (`Key (email)=(…)`)."""
+# SQLSTATE classes whose primary messages (PostgreSQL's own) name objects (relations, columns,
+# constraints, roles, settings) and never quote a value: connection (08), feature not supported
+# (0A), invalid transaction initiation (0B), grantor and role (0L, 0P), integrity constraints (23:
+# `duplicate key value violates unique constraint "x"`; the values are in DETAIL, never kept),
+# invalid cursor state (24), transaction state (25), statement and cursor names (26, 34),
+# authorization (28), catalog and schema names (3D, 3F), savepoints (3B), rollback (40), syntax and
+# access (42), WITH CHECK OPTION (44), resources and limits (53, 54), prerequisite state (55, lock
+# timeouts), operator intervention (57, cancels and shutdowns), system (58), snapshot (72),
+# configuration file (F0), internal (XX). Every other class can quote a value from a row: data
+# exceptions (22: `invalid input syntax for type integer: "someone@example.com"`), RAISE (P0),
+# routines (2F, 38, 39), and any class not listed.
+OBJECT_ONLY_CLASSES = frozenset(
+    {"08", "0A", "0B", "0L", "0P", "23", "24", "25", "26", "28", "34", "3B", "3D", "3F", "40", "42", "44",
+     "53", "54", "55", "57", "58", "72", "F0", "XX"}
+)
+# libpq's messages about a connection string it cannot parse, which quote the part they dislike.
+_CONNINFO_MESSAGE = re.compile(
+    r"connection info string|connection option|conninfo|(?-i:\bURI\b)|percent-encod|unexpected spaces|"
+    r"unterminated quoted string|missing \"=\"",
+    re.IGNORECASE,
+)
+
+
+def error_summary(exc: BaseException, *, sensitive: bool = False, trusted: bool = False) -> str:
+    """What a run records and shows of an error: never DETAIL or CONTEXT (`Key (email)=(…)`), and
+    the primary message only when it cannot carry personal data.
+
+    `sensitive`: the unit touches personal data; its errors are the exception class and SQLSTATE.
+    `trusted`: the unit declares (`messages: trusted`) that PostgreSQL's messages in its runs never
+    quote personal data (its own RAISE messages name tables only): every primary message is kept.
+    Otherwise the message is kept for SQLSTATE classes that name objects only
+    (`OBJECT_ONLY_CLASSES`) and replaced by the condition name elsewhere:
+    `invalid_text_representation (SQLSTATE 22P02)`.
+    """
     state = sqlstate_of(exc)
     if sensitive and state:
         return f"{type(exc).__name__} (SQLSTATE {state})"
     diag = getattr(exc, "diag", None)
     primary = getattr(diag, "message_primary", None) if diag is not None else None
     message = primary or (str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
+    if state is None and _CONNINFO_MESSAGE.search(message):
+        return f"invalid connection string: {REDACTED_CONNINFO}"
+    if state and not trusted and state[:2] not in OBJECT_ONLY_CLASSES:
+        return f"{condition_name(state)} (SQLSTATE {state})"
     return redact_dsn(message)
+
+
+def condition_name(sqlstate: str) -> str:
+    """PostgreSQL's condition name of a SQLSTATE (`22P02` -> `invalid_text_representation`), from
+    psycopg's exception classes, which are named after them; `error` for an unknown code."""
+    try:
+        cls = psycopg.errors.lookup(sqlstate)
+    except KeyError:
+        return "error"
+    if getattr(cls, "sqlstate", None) != sqlstate:
+        return "error"
+    return re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", cls.__name__).lower()
 
 
 def query(conn: psycopg.Connection[Any], text: str, params: list[Any], *, read_only: bool) -> list[dict[str, Any]]:

@@ -86,6 +86,8 @@ class RunResult:
     trigger: str = "manual"
     display: list[str] | None = None  # finding fields for human output (unit front matter)
     throttled_seconds: dict[str, float] = field(default_factory=dict)  # pacing's waits, by reason
+    # Refused for its configuration before anything ran (a target behind a pooler): exit code 2.
+    refused: bool = False
 
     @property
     def seconds(self) -> float:
@@ -117,8 +119,10 @@ class RunResult:
 
 
 def exit_code(results: Iterable[RunResult], *, usage_error: bool = False) -> int:
-    """SPEC §5: 2 usage/config, then 1 failed, then 3 skipped, then 0."""
-    if usage_error:
+    """SPEC §5: 2 usage/config (a run refused for its target's configuration too), then 1 failed,
+    then 3 skipped, then 0."""
+    results = list(results)
+    if usage_error or any(r.refused for r in results):
         return 2
     statuses = {r.status for r in results}
     if "failed" in statuses:

@@ -1,10 +1,10 @@
 """One run of one unit for one (job, target, item): the careful machine every front door calls.
 
-Order of a run: connect → refuse on a replica → take the (job, target, item) advisory lock →
-set timeouts → resolve table params → discover → one step per finding (apply, retried on
-transient errors) → verify → report → write the ledger. A dry run (`plan`, `trigger --dry-run`)
-runs discover inside a READ ONLY transaction, renders the apply steps without executing them,
-and writes nothing, not even the ledger.
+Order of a run: connect → refuse a connection through a pooler (exit 2) → refuse on a replica →
+take the (job, target, item) advisory lock → set timeouts → resolve table params → discover → one
+step per finding (apply, retried on transient errors) → verify → report → write the ledger. A dry
+run (`plan`, `trigger --dry-run`) runs discover inside a READ ONLY transaction, renders the apply
+steps without executing them, and writes nothing, not even the ledger.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 import psycopg
 from psycopg.rows import dict_row
 
-from maintainer import db
+from maintainer import db, pooler
 from maintainer.ledger import IdleRun, Ledger
 from maintainer.pacing import Pacer, Throttled
 from maintainer.project import RunSpec
@@ -91,7 +91,9 @@ class Session:
     Isolation stays per run — each (job, target, item) takes its own advisory lock, runs its own
     transactions and writes its own ledger record — but the items stop paying for two new backends,
     cold catalog caches and a ledger schema check each. Session settings a unit changed are reset
-    between runs (`RESET ALL`), and a connection that broke is replaced by the next run.
+    between runs (`RESET ALL`), and a connection that broke is replaced by the next run. Both
+    connections (work and ledger), new ones and replacements alike, are refused when they go
+    through a pooler (`connect_retrying`), before anything runs on them.
     """
 
     def __init__(self) -> None:
@@ -207,20 +209,27 @@ def connect_retrying(
     """`db.connect`, tried `max_attempts` times with backoff. A server that is restarting or being
     promoted refuses connections for a few seconds, which must not fail the run: when `reconnecting`
     (the server answered earlier in this session), attempts go on until `reconnect_window` has passed
-    too. A first connection gives up sooner, so a wrong host is reported without a long wait."""
+    too. A first connection gives up sooner, so a wrong host is reported without a long wait.
+
+    Before anything runs on it, the connection is checked for a pooler in between (see `pooler`):
+    one that goes through a transaction-mode pooler is closed and `pooler.PoolerDetected` raised,
+    never retried (it is configuration, not a passing failure)."""
     defaults = spec.settings.defaults
     deadline = time.monotonic() + (defaults.reconnect_window.total_seconds() if reconnecting else 0.0)
     number = 0
     while True:
         number += 1
         try:
-            return db.connect(conninfo, application_name=application_name)
+            conn = db.connect(conninfo, application_name=application_name)
         except db.TargetUnavailable:
             left = deadline - time.monotonic()
             if number >= defaults.max_attempts and left <= 0:
                 raise
             delay = retry_delay(spec, number)
             time.sleep(min(delay, left) if number >= defaults.max_attempts else delay)
+            continue
+        pooler.require_direct(conn, spec.target_name)
+        return conn
 
 
 def render_statements(unit: Unit, block: str, context: Mapping[str, Any]) -> list[Statement]:
@@ -357,6 +366,8 @@ def survey_items(specs: list[RunSpec], options: RunOptions) -> dict[int, dict[st
         }
         statement = render_select(unit, "survey", context)
         rows = db.query(conn, statement.sql, statement.params, read_only=True)
+    except pooler.PoolerDetected:
+        return {}  # every item meets the refusal when it runs
     except (RunFailed, RenderError, UnitError, db.TargetUnavailable, psycopg.Error) as exc:
         problem = db.error_summary(exc, sensitive=unit.meta.sensitive) if isinstance(exc, psycopg.Error) else exc
         log.warning(
@@ -424,6 +435,9 @@ class _Run:
             self._fail("cancelled: the daemon is shutting down", None)
         except (RenderError, UnitError) as exc:
             self._fail(str(exc), None)
+        except pooler.PoolerDetected as exc:
+            self.result.refused = True  # configuration, not a failed run: exit code 2
+            self._fail(str(exc), None)
         except db.TargetUnavailable as exc:
             self._fail(f"target {self.spec.target_name!r} unreachable: {exc}", None)
         except psycopg.Error as exc:
@@ -437,6 +451,7 @@ class _Run:
     def _execute(self) -> None:
         spec, unit = self.spec, self.unit
         if spec.target.pooled and unit.meta.ddl:
+            self.result.refused = True
             raise RunFailed(
                 f"target {spec.target_name!r} is declared pooled; unit {unit.name!r} runs DDL and needs a direct "
                 "connection (set a direct dsn for this target)"

@@ -42,7 +42,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from psycopg import sql
 
 from maintainer import alerts as sentry
-from maintainer import db, logs
+from maintainer import db, logs, pooler
 from maintainer.alerts import Alerts, CheckIn
 from maintainer.config import ConfigError, Job, cron_trigger
 from maintainer.httpserver import HttpServer, TriggerRejected
@@ -385,7 +385,7 @@ class Daemon:
                 return cached_ok and not self.stopping.is_set(), cached_body
             targets = self.project.settings.targets
             with Pool(max_workers=min(8, max(1, len(targets)))) as pool:
-                states = dict(zip(targets, pool.map(_probe, targets.values()), strict=True))
+                states = dict(zip(targets, pool.map(_probe, targets, targets.values()), strict=True))
             ok = all(state == "ok" for state in states.values())
             body: dict[str, Any] = {"status": "ok" if ok else "unavailable", "targets": states,
                                     "config": "ok" if self.reload_error is None else
@@ -450,13 +450,15 @@ class Daemon:
         return trigger.state()
 
 
-def _probe(target: Any) -> str:
+def _probe(name: str, target: Any) -> str:
     try:
         conn = db.connect(target.conninfo(), application_name="pg-maintainer probe", connect_timeout=3)
     except (db.TargetUnavailable, OSError, ValueError) as exc:
         return f"unreachable: {exc}"
     try:
-        conn.execute("SELECT 1")
+        found = pooler.probe(conn)
+        if found.pooled:  # every run on it is refused: not ready, and say why
+            return f"refused: {pooler.refusal(name, found)}"
         return "ok"
     except psycopg.Error as exc:
         return f"error: {db.error_summary(exc)}"
