@@ -20,8 +20,9 @@ from maintainer.runner import Progress, RunOptions, run_all
 
 def _console(stderr: bool = False) -> Console:
     # Piped output is read by people too (CI logs, `| less`): do not squeeze tables into 80 columns.
+    # emoji=False: user text such as `:smile:` in a job name or an error must come out verbatim.
     probe = Console(stderr=stderr)
-    return Console(stderr=stderr, width=None if probe.is_terminal else 200)
+    return Console(stderr=stderr, width=None if probe.is_terminal else 200, emoji=False)
 
 
 stdout = _console()
@@ -37,21 +38,19 @@ config_option = click.option(
 
 
 def _load(config: str | None) -> Project:
-    try:
+    with _usage_errors():
         return load_project(config)
-    except ConfigError as exc:
-        for problem in exc.problems:
-            stderr.print(f"[red]error:[/red] {problem}", markup=True, highlight=False)
-        sys.exit(2)
+    raise AssertionError("unreachable")  # _usage_errors exits
 
 
 @contextmanager
 def _usage_errors() -> Iterator[None]:
+    """Configuration and usage mistakes: one `error:` line each on stderr, then exit code 2."""
     try:
         yield
     except ConfigError as exc:
         for problem in exc.problems:
-            stderr.print(f"[red]error:[/red] {problem}", markup=True, highlight=False)
+            output.print_error(stderr, problem)
         sys.exit(2)
 
 
@@ -88,7 +87,7 @@ def _run_job(
         args = parse_args(list(arg_pairs))
         specs = project.run_specs(job, target)
     if not specs:
-        stderr.print(f"job {job_name!r} has no targets to run on")
+        output.print_error(stderr, f"job {job_name!r} has no targets to run on")
         sys.exit(2)
     return run_all(specs, RunOptions(trigger=trigger, args=args, dry_run=dry_run, progress=progress))
 
@@ -157,7 +156,7 @@ def check(config: str | None, offline: bool) -> None:
 
 @main.command()
 @click.argument("job", required=False)
-@click.option("-n", "limit", default=20, show_default=True, help="runs per target")
+@click.option("-n", "limit", default=20, show_default=True, type=click.IntRange(1, 100_000), help="runs per target")
 @config_option
 @click.option("--json", "as_json", is_flag=True)
 def history(job: str | None, limit: int, config: str | None, as_json: bool) -> None:
@@ -197,7 +196,10 @@ def run_command(config: str | None) -> None:
 @main.command()
 @config_option
 @click.option("--json", "as_json", is_flag=True, help="one JSON object on stdout")
-@click.option("-n", "limit", default=10, show_default=True, help="findings shown per unit (text output)")
+@click.option(
+    "-n", "limit", default=10, show_default=True, type=click.IntRange(1, 100_000),
+    help="findings shown per unit (text output)",
+)
 def report(config: str | None, as_json: bool, limit: int) -> None:
     """Sequence headroom, bloat, partitions, DEFAULT rows, wraparound: the newest findings, worst first."""
     from maintainer import report as report_module

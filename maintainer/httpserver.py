@@ -28,6 +28,8 @@ from urllib.parse import parse_qs, urlsplit
 
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from maintainer.db import redact_dsn
+
 log = logging.getLogger("maintainer")
 
 MAX_BODY = 64 * 1024
@@ -62,8 +64,9 @@ class Service(Protocol):
 def parse_listen(listen: str) -> tuple[str, int]:
     """`0.0.0.0:9188`, `[::]:9188`, `:9188`."""
     host, sep, port = listen.rpartition(":")
-    if not sep or not port.isdigit():
-        raise ValueError(f"http.listen {listen!r} must look like 0.0.0.0:9188")
+    # isascii: str.isdigit() also accepts digits of other scripts ('²', '٣') that int() refuses or misreads.
+    if not sep or not port.isascii() or not port.isdigit() or int(port) > 65535:
+        raise ValueError(f"http.listen {listen!r} must look like 0.0.0.0:9188 (a port from 0 to 65535)")
     return host.strip("[]") or "0.0.0.0", int(port)  # noqa: S104 - a daemon's port is meant to be reached
 
 
@@ -153,7 +156,8 @@ class _Handler(BaseHTTPRequestHandler):
         return bool(values) and values[0].lower() in ("1", "true", "yes")
 
     def _json(self, status: HTTPStatus, body: Any, extra_headers: dict[str, str] | None = None) -> None:
-        self._send(status, (json.dumps(body, default=str) + "\n").encode(), "application/json", extra_headers)
+        payload = json.dumps(_redacted(body), default=str) + "\n"
+        self._send(status, payload.encode(), "application/json", extra_headers)
 
     def _send(self, status: HTTPStatus, payload: bytes, content_type: str,
               extra_headers: dict[str, str] | None = None) -> None:
@@ -168,6 +172,18 @@ class _Handler(BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("http: " + format, *args)
+
+
+def _redacted(body: Any) -> Any:
+    """Every string of a response through the DSN redactor: /readyz answers without a token, and
+    its target states quote connection errors."""
+    if isinstance(body, str):
+        return redact_dsn(body)
+    if isinstance(body, dict):
+        return {key: _redacted(value) for key, value in body.items()}
+    if isinstance(body, list | tuple):
+        return [_redacted(value) for value in body]
+    return body
 
 
 class _Server(ThreadingHTTPServer):

@@ -10,10 +10,10 @@ from typing import TYPE_CHECKING, Any
 
 import psycopg
 from rich.console import Console
-from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.syntax import Syntax
 from rich.table import Table
+from rich.text import Text
 
 from maintainer.config import cron_trigger
 from maintainer.ledger import each_ledger
@@ -28,6 +28,12 @@ if TYPE_CHECKING:
 STATUS_STYLE = {"ok": "green", "planned": "cyan", "skipped": "yellow", "failed": "red", "interrupted": "red"}
 
 
+def print_error(console: Console, message: str) -> None:
+    """One `error: …` line, the message verbatim: never read as markup (`[/red]` in a job name),
+    never wrapped, emoji codes left alone."""
+    console.print(Text.assemble(("error:", "red"), " ", message), soft_wrap=True, highlight=False, emoji=False)
+
+
 def _fmt(value: Any) -> str:
     if value is None:
         return ""
@@ -39,18 +45,21 @@ def _fmt(value: Any) -> str:
 def print_run(console: Console, result: RunResult, *, show_sql: bool) -> None:
     style = STATUS_STYLE.get(result.status, "white")
     label = item_label(result.item)
-    item = f" \\[{escape(label)}]" if label else ""
+    # Job, target, item, reason and error are user or database text: Text, never markup.
     console.print(
-        f"[bold]{result.job}[/bold] on [bold]{result.target}[/bold]{item}: "
-        f"[{style}]{result.status}[/{style}] in {result.seconds:.2f}s",
+        Text.assemble(
+            (result.job, "bold"), " on ", (result.target, "bold"), f" [{label}]" if label else "", ": ",
+            (result.status, style), f" in {result.seconds:.2f}s",
+        ),
         highlight=False,
     )
     if result.reason:
-        console.print(f"  {escape(result.reason)}", highlight=False)
+        console.print(Text(f"  {result.reason}"), highlight=False)
     if result.error:
         console.print(
-            f"  [red]error:[/red] {escape(result.error)}"
-            + (f" (SQLSTATE {result.sqlstate})" if result.sqlstate else ""),
+            Text.assemble(
+                "  ", ("error:", "red"), f" {result.error}", f" (SQLSTATE {result.sqlstate})" if result.sqlstate else ""
+            ),
             highlight=False,
         )
     if result.findings:
@@ -73,7 +82,7 @@ def print_run(console: Console, result: RunResult, *, show_sql: bool) -> None:
             for number, action in enumerate(result.actions[:MAX_ACTION_ROWS], 1):
                 first_line = action.sql.strip().splitlines()[0] if action.sql.strip() else ""
                 table.add_row(
-                    str(number), action.status, _fmt(action.rows), _fmt(action.seconds), escape(first_line[:100])
+                    str(number), Text(action.status), _fmt(action.rows), _fmt(action.seconds), Text(first_line[:100])
                 )
             console.print(table)
             hidden = len(result.actions) - MAX_ACTION_ROWS
@@ -115,14 +124,15 @@ def findings_table(findings: list[dict[str, Any]], display: list[str] | None = N
             for key in finding:
                 if key not in columns and key not in _HIDDEN_FIELDS and key != "hint":
                     columns.append(key)
-    table = Table(*columns, box=None, pad_edge=False, show_edge=False)
+    # Column names are the unit's SELECT aliases and cells are data: Text, never markup.
+    table = Table(box=None, pad_edge=False, show_edge=False)
+    for column in columns:
+        table.add_column(Text(column))
     for finding in sorted(findings, key=lambda f: (-LEVEL_RANK.get(str(f.get("level")), -1), not f.get("action"))):
         cells = []
         for key in columns:
-            text = escape(_cell(key, finding.get(key)))
-            if key == "level" and text in LEVEL_STYLE:
-                text = f"[{LEVEL_STYLE[text]}]{text}[/{LEVEL_STYLE[text]}]"
-            cells.append(text)
+            text = _cell(key, finding.get(key))
+            cells.append(Text(text, style=LEVEL_STYLE[text] if key == "level" and text in LEVEL_STYLE else ""))
         table.add_row(*cells)
     return table
 
@@ -132,7 +142,7 @@ def print_hints(console: Console, findings: list[dict[str, Any]], display: list[
     for finding in findings:
         if finding.get("hint") and finding.get("level") not in (None, "ok"):
             subject = next((str(finding[k]) for k in (display or list(finding)) if finding.get(k)), "")
-            console.print(f"  [yellow]→[/yellow] {escape(subject)}: {escape(str(finding['hint']))}", highlight=False)
+            console.print(Text.assemble("  ", ("→", "yellow"), f" {subject}: {finding['hint']}"), highlight=False)
 
 
 @contextmanager
@@ -203,13 +213,15 @@ def print_jobs(console: Console, rows: list[dict[str, Any]]) -> None:
         status = row["last_status"] or "never run"
         style = STATUS_STYLE.get(status, "dim")
         table.add_row(
-            row["job"],
-            row["unit"],
-            row["schedule"] + (f" in {row['window']}" if row["window"] else ""),
-            row["target"],
+            Text(row["job"]),
+            Text(row["unit"]),
+            Text(row["schedule"] + (f" in {row['window']}" if row["window"] else "")),
+            Text(row["target"]),
             _fmt(row["items"]),
             (row["next_run"] or "")[:16].replace("T", " "),
-            f"[{style}]{status}[/{style}]" + (f" {row['last_run'][:16].replace('T', ' ')}" if row["last_run"] else ""),
+            Text.assemble(
+                (status, style), f" {row['last_run'][:16].replace('T', ' ')}" if row["last_run"] else ""
+            ),
         )
     console.print(table)
 
@@ -240,24 +252,25 @@ def print_history(console: Console, runs: list[dict[str, Any]]) -> None:
         trigger = run.get("trigger", "")
         if run.get("triggered_by"):
             trigger += f" ({run['triggered_by']})"
+        # Everything read back from the ledger is data (an item's JSON, an error message): Text.
         table.add_row(
             started[:19].replace("T", " "),
-            run.get("job", ""),
-            run.get("target", ""),
-            run.get("item") or "",
-            trigger,
-            f"[{style}]{status}[/{style}]",
+            Text(str(run.get("job", ""))),
+            Text(str(run.get("target", ""))),
+            Text(str(run.get("item") or "")),
+            Text(str(trigger)),
+            Text(str(status), style=style),
             seconds,
             _fmt(run.get("actions")),
             _fmt(run.get("findings")),
-            (run.get("error") or "")[:80],
+            Text(str(run.get("error") or "")[:80]),
         )
     console.print(table)
 
 
 def print_checks(console: Console, checks: list[Check]) -> None:
     table = Table("", "check", "detail", box=None)
-    marks = {"ok": "[green]ok[/green]", "warn": "[yellow]warn[/yellow]", "error": "[red]error[/red]"}
+    marks = {"ok": "green", "warn": "yellow", "error": "red"}
     for item in checks:
-        table.add_row(marks[item.level], item.subject, item.detail)
+        table.add_row(Text(item.level, style=marks[item.level]), Text(item.subject), Text(item.detail))
     console.print(table)

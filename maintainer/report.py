@@ -18,6 +18,7 @@ import psycopg
 from psycopg import sql
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from maintainer import db
 from maintainer.alerts import finding_message
@@ -184,7 +185,7 @@ def print_report(console: Console, report: Mapping[str, Any], *, limit: int = 10
         highlight=False,
     )
     for name, state in unreachable.items():
-        console.print(f"  [red]target {name}: {state}[/red]", highlight=False)
+        console.print(Text(f"  target {name}: {state}", style="red"), highlight=False)
     if not report["sections"]:
         console.print(
             "no findings recorded yet: run the jobs (maintainer trigger JOB) or start the daemon", style="dim"
@@ -195,20 +196,22 @@ def print_report(console: Console, report: Mapping[str, Any], *, limit: int = 10
             f"{n} {level}" for level, n in sorted(section["counts"].items(), key=lambda kv: -LEVEL_RANK.get(kv[0], 0))
         )
         console.print()
-        console.print(f"[bold]{section['unit']}[/bold]  {counts}", highlight=False)
+        console.print(Text.assemble((section["unit"], "bold"), f"  {counts}"), highlight=False)
         value_names: list[str] = []
         for entry in section["findings"]:
             value_names.extend(k for k in entry["values"] if k not in value_names)
-        table = Table("level", "target", *value_names, "finding", box=None, pad_edge=False, show_edge=False)
+        # Names and messages come from units and findings (data): Text, never markup.
+        table = Table(box=None, pad_edge=False, show_edge=False)
+        for header in ("level", "target", *value_names, "finding"):
+            table.add_column(Text(header))
         shown = section["findings"][:limit]
         for entry in shown:
             level = str(entry["level"] or "")
-            style = LEVEL_STYLE.get(level, "white")
             table.add_row(
-                f"[{style}]{level}[/{style}]",
-                entry["target"],
-                *(_fmt(name, entry["values"].get(name)) for name in value_names),
-                entry["message"],
+                Text(level, style=LEVEL_STYLE.get(level, "white")),
+                Text(str(entry["target"])),
+                *(Text(_fmt(name, entry["values"].get(name))) for name in value_names),
+                Text(str(entry["message"])),
             )
         console.print(table)
         hidden = section["findings"][limit:]

@@ -12,6 +12,7 @@ import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import timedelta
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -22,10 +23,13 @@ from jinja2 import Template, TemplateSyntaxError, nodes
 from pglast import parser as pg_parser
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from maintainer.config import describe_validation_error, structure_problems
 from maintainer.render import ArgValue, RenderError, TrustedSql, make_environment, render_with_binds
 from maintainer.values import (
+    PRACTICAL_MAX_DURATION,
     QualifiedName,
     check_identifier,
+    format_duration,
     parse_duration,
     parse_interval,
     parse_size,
@@ -265,15 +269,26 @@ def _coerce_bound(kind: str, bound: Any, name: str) -> Any:
 
 
 def _check_bounds(spec: ParamSpec, kind: str, value: Any, result: Any) -> None:
+    """The declared `min`/`max`, within what the engine can carry: bigint for integers, a century
+    for durations. The message shows the bound as the unit wrote it when that is the one in force."""
     low = _coerce_bound(kind, spec.min, "min") if spec.min is not None else None
     high = _coerce_bound(kind, spec.max, "max") if spec.max is not None else None
-    if kind == "integer":
-        low = INT8_MIN if low is None else max(low, INT8_MIN)
-        high = INT8_MAX if high is None else min(high, INT8_MAX)
+    low_text, high_text = spec.min, spec.max
+    ceiling = {"integer": INT8_MAX, "duration": PRACTICAL_MAX_DURATION}.get(kind)
+    if kind == "integer" and (low is None or low < INT8_MIN):
+        low, low_text = INT8_MIN, INT8_MIN
+    if ceiling is not None and (high is None or high > ceiling):
+        high, high_text = ceiling, _bound(ceiling)
     if low is not None and result < low:
-        raise ValueError(f"{_shown(value)} is out of range: at least {spec.min if spec.min is not None else low}")
+        raise ValueError(f"{_shown(value)} is out of range: at least {low_text}")
     if high is not None and result > high:
-        raise ValueError(f"{_shown(value)} is out of range: at most {spec.max if spec.max is not None else high}")
+        raise ValueError(f"{_shown(value)} is out of range: at most {high_text}")
+
+
+def _bound(value: Any) -> str:
+    if isinstance(value, timedelta):
+        return f"{value.days} days" if value == timedelta(days=value.days) else format_duration(value)
+    return str(value)
 
 
 def _trusted_expr(key: Any, value: Any) -> Any:
@@ -318,11 +333,10 @@ def _front_matter(path: Path, text: str) -> FrontMatter:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 2}" if mark is not None else ""  # + the opening '---' line
-        raise UnitError(f"{path}: front matter is not valid YAML{where}: {getattr(exc, 'problem', None) or exc}") from None
+        problem = getattr(exc, "problem", None) or exc
+        raise UnitError(f"{path}: front matter is not valid YAML{where}: {problem}") from None
     except (RecursionError, ValueError, TypeError, OverflowError) as exc:
         raise UnitError(f"{path}: front matter is not valid YAML: {exc}") from None
-    from maintainer.config import describe_validation_error, structure_problems
-
     problems = structure_problems(raw)
     if not isinstance(raw, dict):
         problems.append("(top level): must be a mapping (description, params, transaction, ...)")
