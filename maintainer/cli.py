@@ -81,6 +81,7 @@ def _run_job(
     dry_run: bool,
     progress: Callable[[Progress], None] | None,
     trigger: str = "manual",
+    on_wait: Callable[[str | None], None] | None = None,
 ) -> list[RunResult]:
     with _usage_errors():
         job = project.job(job_name)
@@ -89,7 +90,8 @@ def _run_job(
     if not specs:
         output.print_error(stderr, f"job {job_name!r} has no targets to run on")
         sys.exit(2)
-    return run_all(specs, RunOptions(trigger=trigger, args=args, dry_run=dry_run, progress=progress))
+    options = RunOptions(trigger=trigger, args=args, dry_run=dry_run, progress=progress, on_wait=on_wait)
+    return run_all(specs, options)
 
 
 target_option = click.option("-t", "--target", default=None, help="only this target")
@@ -123,8 +125,10 @@ def trigger(
 ) -> None:
     """Run JOB now, by hand."""
     project = _load(config)
-    with output.progress_reporter(stderr, enabled=not as_json and stderr.is_terminal) as progress:
-        results = _run_job(project, job, target, args, dry_run=dry_run, progress=progress)
+    on_terminal = not as_json and stderr.is_terminal
+    with output.progress_reporter(stderr, enabled=on_terminal) as progress:
+        on_wait = output.wait_reporter(stderr, enabled=on_terminal)
+        results = _run_job(project, job, target, args, dry_run=dry_run, progress=progress, on_wait=on_wait)
     if not dry_run:
         from maintainer.outcomes import report_manual_runs
 

@@ -176,6 +176,22 @@ def progress_reporter(console: Console, *, enabled: bool) -> Iterator[Callable[[
         yield report
 
 
+def wait_reporter(console: Console, *, enabled: bool) -> Callable[[str | None], None] | None:
+    """Pacing waits on a terminal: one line when the run starts waiting (what for), one when it goes
+    on. The message names standbys and slots: Text, never markup."""
+    if not enabled:
+        return None
+
+    def report(message: str | None) -> None:
+        if message is None:
+            console.print(Text("pacing: going on", style="dim"), highlight=False)
+        else:
+            console.print(Text.assemble(("pacing:", "yellow"), " ", message), soft_wrap=True,
+                          highlight=False, emoji=False)
+
+    return report
+
+
 def job_rows(project: Project) -> list[dict[str, Any]]:
     last: dict[tuple[str, str], dict[str, Any]] = {}
     for name, ledger, _problem in each_ledger(project.settings, connect_timeout=3):

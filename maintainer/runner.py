@@ -369,7 +369,9 @@ def survey_items(specs: list[RunSpec], options: RunOptions) -> dict[int, dict[st
     except pooler.PoolerDetected:
         return {}  # every item meets the refusal when it runs
     except (RunFailed, RenderError, UnitError, db.TargetUnavailable, psycopg.Error) as exc:
-        problem = db.error_summary(exc, sensitive=unit.meta.sensitive) if isinstance(exc, psycopg.Error) else exc
+        problem: object = exc
+        if isinstance(exc, psycopg.Error):
+            problem = db.error_summary(exc, sensitive=unit.meta.sensitive, trusted=unit.meta.trusted_messages)
         log.warning(
             f"{first.job.name} on {first.target_name}: survey failed, every item runs in full: {problem}",
             extra={"job": first.job.name, "target": first.target_name},
@@ -925,7 +927,8 @@ class _Run:
             raise Cancelled()
 
     def _describe(self, exc: BaseException) -> str:
-        message = db.error_summary(exc, sensitive=self.unit.meta.sensitive)
+        message = db.error_summary(exc, sensitive=self.unit.meta.sensitive,
+                                   trusted=self.unit.meta.trusted_messages)
         # Untrusted arguments (a user id, an email to erase) must not reach the ledger or alerts.
         for value in self.opts.args.values():
             if value and len(value) >= 2:

@@ -231,3 +231,20 @@ def test_throttle_off_for_a_job_never_asks(pair: tuple[Replicated, Path]) -> Non
     assert result.throttled_seconds == {}
     assert result.findings[0]["rows_remaining"] == 0
 
+
+
+def test_a_terminal_shows_what_a_run_waits_for_verbatim() -> None:
+    import io
+
+    from rich.console import Console
+
+    from maintainer import output
+
+    buffer = io.StringIO()
+    report = output.wait_reporter(Console(file=buffer, width=200), enabled=True)
+    assert report is not None
+    report("standby [/red]s1 is 40 MB behind (limit 16 MB)")
+    report(None)
+    lines = buffer.getvalue().splitlines()
+    assert lines == ["pacing: standby [/red]s1 is 40 MB behind (limit 16 MB)", "pacing: going on"]
+    assert output.wait_reporter(Console(file=buffer), enabled=False) is None
