@@ -25,7 +25,9 @@ lint: $(STAMP)
 	$(BIN)/hadolint Dockerfile
 
 bench: $(STAMP)
-	$(BIN)/python bench/run_all.py
+	for script in engine partitions_vs_partman bloat_accuracy anonymize daemon pacing; do \
+		$(BIN)/python bench/$$script.py || exit 1; \
+	done
 
 clean:
 	rm -rf $(VENV) .demo .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -35,7 +35,7 @@ from sentry_sdk.utils import BadDsn, Dsn
 from maintainer.config import ConfigError, Job, Settings, Window
 from maintainer.db import redact_dsn
 from maintainer.project import item_label
-from maintainer.results import RunResult
+from maintainer.results import LEVEL_RANK, RunResult
 from maintainer.units import Unit
 
 if TYPE_CHECKING:
@@ -45,9 +45,9 @@ log = logging.getLogger("maintainer")
 
 SENSITIVE_TAG = "sensitive"
 REPEAT_AFTER = timedelta(days=1)
-# Finding levels a unit may use, by severity; anything else (ok, unknown, null) never alerts.
-LEVEL_RANK = {"warn": 1, "warning": 1, "critical": 2, "error": 2}
-SENTRY_LEVEL = {1: "warning", 2: "error"}
+# Findings at `warn` and above alert (the one ranking of levels is in results.py); `ok`,
+# `unknown` and null never do.
+SENTRY_LEVEL = {LEVEL_RANK["warn"]: "warning", LEVEL_RANK["critical"]: "error"}
 
 # psycopg renders an error as the primary message followed by DETAIL/HINT/CONTEXT lines; DETAIL
 # quotes row values (`Key (email)=(…) already exists`), CONTEXT and LINE can quote statements.
@@ -267,11 +267,11 @@ def format_message(template: str | None, finding: Mapping[str, Any], fallback: s
 
 def finding_message(unit: Unit, finding: Mapping[str, Any]) -> str:
     """The unit's `alerts.message` for one finding (or a plain fallback naming the object)."""
-    spec = unit.meta.alerts or {}
-    key_fields = [str(k) for k in spec.get("key") or []]
-    level = finding.get(str(spec.get("level", "level")))
+    spec = unit.meta.alerts
+    key_fields = spec.key if spec is not None else []
+    level = finding.get(spec.level if spec is not None else "level")
     name = ", ".join(str(finding.get(k)) for k in key_fields) or unit.name
-    return format_message(spec.get("message"), finding, f"{unit.name}: {name} is {level}")
+    return format_message(spec.message if spec is not None else None, finding, f"{unit.name}: {name} is {level}")
 
 
 class FindingAlerts:
@@ -284,12 +284,11 @@ class FindingAlerts:
         self._lock = threading.Lock()
 
     def due(self, unit: Unit, job: str, target: str, findings: Sequence[Mapping[str, Any]]) -> list[FindingAlert]:
-        spec = unit.meta.alerts or {}
-        level_field = unit.level_field
-        if level_field is None:
+        spec = unit.meta.alerts
+        if spec is None:
             return []
-        key_fields = [str(k) for k in spec.get("key") or []]
-        shown = [level_field, *key_fields, *(str(m.get("value")) for m in unit.meta.metrics.values())]
+        level_field, key_fields = spec.level, spec.key
+        shown = [level_field, *key_fields, *(m.value for m in unit.meta.metrics.values())]
         alerts = []
         now = self.clock()
         with self._lock:
@@ -299,7 +298,7 @@ class FindingAlerts:
                 key = tuple(str(finding.get(k)) for k in key_fields)
                 state_key = (unit.name, target, key)
                 rank = LEVEL_RANK.get(str(finding.get(level_field)).lower(), 0)
-                if rank == 0:
+                if rank < LEVEL_RANK["warn"]:
                     self._sent.pop(state_key, None)  # back to normal: the next rise alerts again
                     continue
                 previous = self._sent.get(state_key)

@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 import psycopg
 
+from maintainer import context as render_context
 from maintainer import db, pooler
 from maintainer.project import Project
 from maintainer.render import RenderError
@@ -154,14 +155,16 @@ def _unit_checks(project: Project, target: str, conn: psycopg.Connection[Any]) -
     """Each used unit's `check` block: rows with `level` and `message` (missing grants, extensions)."""
     checks: list[Check] = []
     used = sorted({job.unit for job in project.jobs.values() if target in project.targets_of(job)})
+    extensions, _ = db.catalog_facts(conn, [])
     for name in used:
         unit = project.units[name]
         if not unit.has_block("check"):
             continue
         try:
-            text, values = unit.render_block(
-                "check", {"target": target, "params": {}, "args": {}, "state_schema": project.settings.state_schema}
+            run = render_context.run_context(
+                target=target, job=None, state_schema=project.settings.state_schema, args={}, dry_run=True
             )
+            text, values = unit.render_block("check", render_context.check_context(run, extensions=extensions))
             statements = split_statements(text, values, where=f"{unit.path.name} (check): ")
         except (RenderError, UnitError) as exc:
             checks.append(Check("error", f"unit {name} on {target}", str(exc)))

@@ -353,15 +353,6 @@ class Ledger:
         ).fetchall()
         return {(r["job"], r["target"]): dict(r) for r in rows}
 
-    def actions_of(self, run_id: int) -> list[dict[str, Any]]:
-        rows = self.conn.execute(
-            sql.SQL(
-                "SELECT seq, sql, status, rows, seconds, sqlstate FROM {}.action WHERE run_id = %s ORDER BY seq"
-            ).format(self._s),
-            (run_id,),
-        ).fetchall()
-        return [dict(r) for r in rows]
-
 
 def each_ledger(settings: Settings, *, connect_timeout: int = 5) -> Iterator[tuple[str, Ledger | None, str | None]]:
     """(target, its ledger, None) for every reachable target, (target, None, why) for the others.

@@ -50,11 +50,7 @@ def finding_samples(unit: Unit, job: str, target: str, findings: Sequence[Mappin
     samples: list[Sample] = []
     findings = [f for f in findings if not f.get("verify_failed")]
     for name, spec in unit.meta.metrics.items():
-        value_field = spec.get("value")
-        labels = [str(label) for label in spec.get("labels") or []]
-        if not _NAME_RE.match(name) or not isinstance(value_field, str) or not all(map(_LABEL_RE.match, labels)):
-            _warn_once(f"unit {unit.name}: metric {name!r} needs a valid name, value field and label names")
-            continue
+        value_field, labels = spec.value, spec.labels  # names checked when the unit loaded
         labelnames = ("target", *labels)
         for finding in findings:
             value = _number(finding.get(value_field))
@@ -106,7 +102,7 @@ class FindingGauges(Collector):
                 return
             self._snapshots[key] = samples
             for name, spec in unit.meta.metrics.items():
-                self._help.setdefault(name, str(spec.get("help") or f"{spec.get('value')} from unit {unit.name}"))
+                self._help.setdefault(name, spec.help or f"{spec.value} from unit {unit.name}")
 
     def retain(self, keep: Iterable[tuple[str, str]]) -> None:
         """Forget (job, target) pairs that are no longer configured (after a reload)."""

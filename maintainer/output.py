@@ -19,6 +19,7 @@ from maintainer.config import cron_trigger
 from maintainer.ledger import each_ledger
 from maintainer.project import item_label
 from maintainer.results import LEVEL_RANK, LEVEL_STYLE, RunResult, json_safe
+from maintainer.values import human_size
 
 if TYPE_CHECKING:
     from maintainer.checks import Check
@@ -111,9 +112,21 @@ def _worth_showing(findings: list[dict[str, Any]]) -> list[dict[str, Any]]:
 _HIDDEN_FIELDS = {"action"}
 
 
+def _is_size(key: str) -> bool:
+    """Finding fields that hold bytes, by the names the units give them (`size`, `size_after`,
+    `space_needed`, `default_bytes`, `index_size`)."""
+    return key in ("size", "space_needed", "bytes") or key.startswith("size_") or key.endswith(("_size", "_bytes"))
+
+
 def _cell(key: str, value: Any) -> str:
+    """One value for people: ratios as percentages, sizes as `16.5 MB`, option maps as
+    `fillfactor=100, …`; --json keeps every value exact."""
     if isinstance(value, float) and (key.endswith("ratio") or "bloat" in key):
         return f"{value:.1%}"
+    if isinstance(value, int | float) and not isinstance(value, bool) and _is_size(key):
+        return human_size(value)
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={_fmt(json_safe(v))}" for k, v in value.items())
     return _fmt(json_safe(value))
 
 

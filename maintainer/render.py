@@ -10,6 +10,10 @@ They return `SqlText`, and the environment's `finalize` refuses anything else, s
 number or a value assembled with `~` is a render error, not a query. Values passed with `--arg`
 are `ArgValue`s which only `bind` accepts, so a manual argument can never become SQL text or be
 stored in the ledger's rendered SQL.
+
+Macros (a unit's own, or the unit library's) return `SqlText` too: the guard runs on every `{{ … }}`
+inside a macro as it renders, so what comes out is the macro's own text plus guarded pieces. A macro
+that interpolates a raw value fails where it is called, with the macro's file and line.
 """
 
 from __future__ import annotations
@@ -22,7 +26,8 @@ from collections.abc import Iterable, Mapping
 from datetime import timedelta
 from typing import Any
 
-from jinja2 import StrictUndefined, TemplateError, Undefined
+from jinja2 import BaseLoader, StrictUndefined, TemplateError, Undefined
+from jinja2.runtime import Context, Macro
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from psycopg import sql
 
@@ -194,8 +199,20 @@ def _finalize(value: Any) -> Any:
     )
 
 
-def make_environment() -> ImmutableSandboxedEnvironment:
-    env = ImmutableSandboxedEnvironment(
+class GuardedEnvironment(ImmutableSandboxedEnvironment):
+    """The sandbox (every call in a template passes through `call`), where a macro's output counts
+    as SQL: everything it interpolated already passed `_finalize`."""
+
+    def call(__self, __context: Context, __obj: Any, *args: Any, **kwargs: Any) -> Any:
+        result = super().call(__context, __obj, *args, **kwargs)
+        if isinstance(__obj, Macro) and isinstance(result, str):
+            return SqlText(result)
+        return result
+
+
+def make_environment(loader: BaseLoader | None = None) -> ImmutableSandboxedEnvironment:
+    env = GuardedEnvironment(
+        loader=loader,
         undefined=StrictUndefined,
         finalize=_finalize,
         autoescape=False,
@@ -216,10 +233,24 @@ def render_with_binds(render: Any, *, context: Mapping[str, Any]) -> tuple[str, 
     token = _current_binds.set(binds)
     try:
         text = render(context)
-    except RenderError:
-        raise
+    except RenderError as exc:
+        raise RenderError(f"{_where(exc)}{exc}") from None
     except TemplateError as exc:
-        raise RenderError(str(exc)) from None
+        raise RenderError(f"{_where(exc)}{exc}") from None
     finally:
         _current_binds.reset(token)
     return text, binds.values
+
+
+def _where(exc: BaseException) -> str:
+    """`<file>:<line>: ` of the innermost template frame: the library file of a macro when the error
+    arose inside one (the message points at the macro, not at its call), else the unit's line."""
+    place = ""
+    tb = exc.__traceback__
+    while tb is not None:
+        template = tb.tb_frame.f_globals.get("__jinja_template__")
+        if template is not None:
+            line = template.get_corresponding_lineno(tb.tb_lineno)
+            place = f"{template.filename}:{line}: " if template.filename else f"line {line}: "
+        tb = tb.tb_next
+    return place

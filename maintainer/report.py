@@ -154,11 +154,7 @@ def assemble(project: Project, runs: list[LatestRun], targets: dict[str, str]) -
 def _entry(unit: Unit, run: LatestRun, finding: Mapping[str, Any]) -> dict[str, Any]:
     level_field = unit.level_field
     level = finding.get(level_field) if level_field else None
-    values = {
-        str(m.get("value")): finding.get(str(m.get("value")))
-        for m in unit.meta.metrics.values()
-        if m.get("value") in finding
-    }
+    values = {m.value: finding.get(m.value) for m in unit.meta.metrics.values() if m.value in finding}
     if unit.meta.alerts:
         message = finding_message(unit, finding)
     else:

@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 import psycopg
 from psycopg.rows import dict_row
 
+from maintainer import context as render_context
 from maintainer import db, pooler
 from maintainer.ledger import IdleRun, Ledger
 from maintainer.pacing import Pacer, Throttled
@@ -355,15 +356,12 @@ def survey_items(specs: list[RunSpec], options: RunOptions) -> dict[int, dict[st
             return {}
         lock_timeout, statement_timeout = timeouts_of(first)
         db.set_timeouts(conn, lock_timeout=lock_timeout, statement_timeout=statement_timeout)
-        context = {
-            "items": [{"index": i, "params": s.params, "item": s.item_label} for i, s in enumerate(specs)],
-            "target": first.target_name,
-            "job": first.job.name,
-            "state_schema": first.settings.state_schema,
-            "now": dt.datetime.now(dt.UTC),
-            "args": options.args,
-            "dry_run": options.dry_run,
-        }
+        run = render_context.run_context(
+            target=first.target_name, job=first.job.name, state_schema=first.settings.state_schema,
+            args=options.args, dry_run=options.dry_run,
+        )
+        items = [{"index": i, "params": s.params, "item": s.item_label} for i, s in enumerate(specs)]
+        context = render_context.survey_context(run, items)
         statement = render_select(unit, "survey", context)
         rows = db.query(conn, statement.sql, statement.params, read_only=True)
     except pooler.PoolerDetected:
@@ -496,7 +494,7 @@ class _Run:
         step_rows = [r for r in discovered if r.get("action", True) not in (False, None)]
         step_outcomes = self._apply(context, step_rows)
         self._after(context, discovered, step_outcomes)
-        self._verify({**context, "discovered": discovered, "steps": step_outcomes})
+        self._verify(render_context.after_steps_context(context, discovered, step_outcomes))
         findings = self._report(context, discovered, step_outcomes)
         self.result.findings = [json_safe(f) for f in findings]
         self.result.throttled_seconds = {k: round(v, 3) for k, v in self.pacer.waited.items()}
@@ -561,20 +559,14 @@ class _Run:
     # -- phases ---------------------------------------------------------------------------------
 
     def _context(self) -> dict[str, Any]:
-        return {
-            "params": self.spec.params,
-            "target": self.spec.target_name,
-            "job": self.spec.job.name,
-            "state_schema": self.spec.settings.state_schema,
-            "now": dt.datetime.now(dt.UTC),
-            "args": self.opts.args,
-            "dry_run": self.opts.dry_run,
-            "prev": None,
-            "row": {},
-            **self._catalog_facts(),
-        }
+        run = render_context.run_context(
+            target=self.spec.target_name, job=self.spec.job.name, state_schema=self.spec.settings.state_schema,
+            args=self.opts.args, dry_run=self.opts.dry_run,
+        )
+        extensions, ledger_exists = self._catalog_facts()
+        return render_context.item_context(run, self.spec.params, extensions=extensions, ledger_exists=ledger_exists)
 
-    def _catalog_facts(self) -> dict[str, Any]:
+    def _catalog_facts(self) -> tuple[dict[str, Any], bool]:
         """Read in one query: whether every `table` param names an existing relation (else fail
         clearly before doing anything), and what a unit may adapt its SQL to at render time (a
         SELECT naming a missing function or table fails when parsed): installed extensions, and
@@ -592,7 +584,7 @@ class _Run:
         for (name, value), exists in zip(tables, tables_exist, strict=True):
             if not exists:
                 raise RunFailed(f"{name}: table {value} does not exist on target {self.spec.target_name!r}")
-        return {"extensions": extensions, "ledger_exists": ledger_exists}
+        return extensions, ledger_exists
 
     def _prepare(self, context: dict[str, Any]) -> dict[str, Any]:
         """`prepare`: one SELECT before discover; its first row (`prepared`) lets discover name what
@@ -657,7 +649,7 @@ class _Run:
         return self.conn
 
     def _run_step(self, context: dict[str, Any], row: dict[str, Any], index: int, count: int) -> int:
-        step_context = {**context, "row": row, "prev": None}
+        step_context = render_context.step_context(context, row)
         if not self.opts.dry_run and self.unit.meta.repeat is None and self.unit.has_block("recheck"):
             return self._run_rechecked(step_context)
         if self.opts.dry_run or self.unit.meta.repeat is None:
@@ -682,7 +674,8 @@ class _Run:
             self.attempts = max(self.attempts, number)
             mark = len(self.result.actions)
             try:
-                rows, _ = self._execute_statements(self._render("apply", {**context, "row": row}), retry=False)
+                statements = self._render("apply", render_context.step_context(context, row))
+                rows, _ = self._execute_statements(statements, retry=False)
                 self._count_attempts(mark, number)
                 return rows
             except psycopg.Error as exc:
@@ -690,7 +683,7 @@ class _Run:
                 if not db.is_transient(exc) or number == attempts:
                     raise
                 self._before_retry(number)
-                now = self._select("recheck", {**context, "row": row}, read_only=False)
+                now = self._select("recheck", render_context.step_context(context, row), read_only=False)
                 if not now:
                     return 0
                 if now[0].get("action", True) in (False, None):
@@ -747,7 +740,7 @@ class _Run:
         """Once after all steps, autocommit (VACUUM, ANALYZE): `steps` says what happened."""
         if not self.unit.has_block("after") or self.result.status == "failed":
             return
-        statements = self._render("after", {**context, "discovered": discovered, "steps": outcomes})
+        statements = self._render("after", render_context.after_steps_context(context, discovered, outcomes))
         self._execute_statements(statements, "after")
 
     def _verify(self, context: dict[str, Any]) -> None:
@@ -766,7 +759,7 @@ class _Run:
     ) -> list[dict[str, Any]]:
         if not self.unit.has_block("report"):
             return discovered if self.unit.has_block("discover") else []
-        report_context = {**context, "discovered": discovered, "steps": outcomes}
+        report_context = render_context.after_steps_context(context, discovered, outcomes)
         return self._select("report", report_context, read_only=self.opts.dry_run)
 
     # -- statements -----------------------------------------------------------------------------

@@ -10,7 +10,8 @@ from __future__ import annotations
 import functools
 import math
 import re
-from collections.abc import Mapping
+import string
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 from importlib import resources
@@ -19,12 +20,21 @@ from typing import Any, Literal
 
 import pglast
 import yaml
-from jinja2 import Template, TemplateSyntaxError, nodes
+from jinja2 import (
+    ChoiceLoader,
+    Environment,
+    FileSystemLoader,
+    PrefixLoader,
+    Template,
+    TemplateNotFound,
+    TemplateSyntaxError,
+    nodes,
+)
 from pglast import parser as pg_parser
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from maintainer.config import describe_validation_error, structure_problems
-from maintainer.render import ArgValue, RenderError, TrustedSql, make_environment, render_with_binds
+from maintainer.render import RenderError, TrustedSql, make_environment, render_with_binds
 from maintainer.values import (
     PRACTICAL_MAX_DURATION,
     QualifiedName,
@@ -98,6 +108,38 @@ class ParamSpec(BaseModel):
         return self
 
 
+METRIC_NAME = re.compile(r"\A[a-zA-Z_:][a-zA-Z0-9_:]*\Z")
+LABEL_NAME = re.compile(r"\A[a-zA-Z_][a-zA-Z0-9_]*\Z")
+
+
+class MetricSpec(BaseModel):
+    """`metrics: {<name>: {value: <field>, labels: [<field>…], help: …}}`: one gauge per finding."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    value: str
+    labels: list[str] = Field(default_factory=list)
+    help: str | None = None
+
+    @model_validator(mode="after")
+    def _label_names(self) -> MetricSpec:
+        bad = [label for label in self.labels if not LABEL_NAME.match(label)]
+        if bad:
+            raise ValueError(f"labels: {bad[0]!r} is not a Prometheus label name")
+        return self
+
+
+class AlertSpec(BaseModel):
+    """`alerts: {level: <field>, key: [<field>…], message: "…{field}…"}`: which finding field carries
+    the level, which fields name the object (one alert per object), and the message."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    level: str = "level"
+    key: list[str] = Field(default_factory=list)
+    message: str | None = None
+
+
 class FrontMatter(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -123,8 +165,15 @@ class FrontMatter(BaseModel):
     on_step_error: Literal["stop", "continue"] = "stop"
     # The finding fields shown in human output (all of them are in JSON and the ledger).
     display: list[str] | None = None
-    metrics: dict[str, dict[str, Any]] = Field(default_factory=dict)
-    alerts: dict[str, Any] | None = None
+    metrics: dict[str, MetricSpec] = Field(default_factory=dict)
+    alerts: AlertSpec | None = None
+
+    @model_validator(mode="after")
+    def _metric_names(self) -> FrontMatter:
+        bad = [name for name in self.metrics if not METRIC_NAME.match(name)]
+        if bad:
+            raise ValueError(f"metrics: {bad[0]!r} is not a Prometheus metric name")
+        return self
 
     @model_validator(mode="after")
     def _messages_of_sensitive_units(self) -> FrontMatter:
@@ -146,15 +195,31 @@ class Unit:
     template: Template
     builtin: bool
     source: str = field(repr=False)
+    # Names defined by the unit's top level (imports of library files, its own macros): blocks are
+    # rendered on their own, without the template's top level, so these go into every context.
+    imports: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def has_block(self, name: str) -> bool:
         return name in self.template.blocks
 
     @property
     def level_field(self) -> str | None:
-        """The finding field that carries a level (`alerts.level`), if the unit declares one."""
-        field_name = (self.meta.alerts or {}).get("level")
-        return field_name if isinstance(field_name, str) else None
+        """The finding field that carries a level (`alerts.level`), if the unit declares alerts."""
+        return self.meta.alerts.level if self.meta.alerts is not None else None
+
+    def finding_fields(self) -> dict[str, list[str]]:
+        """Finding fields the front matter relies on, by where: `check` compares them with what
+        discover returns, so a misspelt field is reported instead of silently never alerting."""
+        named: dict[str, list[str]] = {}
+        for name, metric in self.meta.metrics.items():
+            named[f"metrics.{name}"] = [metric.value, *metric.labels]
+        if self.meta.alerts is not None:
+            template = self.meta.alerts.message or ""
+            in_message = [field for _, field, _, _ in string.Formatter().parse(template) if field]
+            named["alerts"] = [self.meta.alerts.level, *self.meta.alerts.key, *in_message]
+        if self.meta.display:
+            named["display"] = list(self.meta.display)
+        return named
 
     def validate_params(self, values: Mapping[str, Any], where: str) -> dict[str, Any]:
         """Typed params with defaults applied; raises `UnitError` naming `where` and the key."""
@@ -182,7 +247,7 @@ class Unit:
     def render_block(self, block: str, context: Mapping[str, Any]) -> tuple[str, list[Any]]:
         """Render one block to SQL text and its bound values."""
         func = self.template.blocks[block]
-        ctx = self.template.new_context(dict(context), shared=False)
+        ctx = self.template.new_context({**self.imports, **context}, shared=False)
         try:
             return render_with_binds(lambda _c: "".join(func(ctx)), context=context)
         except RenderError as exc:
@@ -304,17 +369,21 @@ def _trusted_expr(key: Any, value: Any) -> Any:
 _FRONT_MATTER = re.compile(r"\A---[ \t]*\n(.*?)\n---[ \t]*\n", re.DOTALL)
 
 
-def parse_unit(path: Path, name: str | None = None, builtin: bool = False) -> Unit:
-    source = path.read_text()
+def parse_unit(path: Path, name: str | None = None, builtin: bool = False, library: Library | None = None) -> Unit:
+    try:
+        source = path.read_text()
+    except UnicodeDecodeError as exc:
+        raise UnitError(f"{path}: not UTF-8 text (byte {exc.start})") from None
     match = _FRONT_MATTER.match(source)
     if not match:
         raise UnitError(f"{path}: a unit starts with YAML front matter between two '---' lines")
     meta = _front_matter(path, match.group(1))
     # Keep the line numbers of the file in Jinja's errors by replacing front matter with blank lines.
     body = "\n" * match.group(0).count("\n") + source[match.end() :]
-    env = make_environment()
+    env = (library or Library(None)).environment
     try:
-        _refuse_unguarded_output(env.parse(body), path)
+        tree = env.parse(body)
+        _refuse_unguarded_output(tree, path)
         template = env.from_string(body)
     except TemplateSyntaxError as exc:
         raise UnitError(f"{path}:{exc.lineno}: template syntax error: {exc.message}") from None
@@ -323,7 +392,94 @@ def parse_unit(path: Path, name: str | None = None, builtin: bool = False) -> Un
         raise UnitError(f"{path}: unknown block(s) {sorted(unknown)}; blocks are {', '.join(BLOCKS)}")
     if "apply" not in template.blocks and "discover" not in template.blocks:
         raise UnitError(f"{path}: a unit needs a discover or an apply block")
-    return Unit(name or path.name.removesuffix(".sql.j2"), path, meta, template, builtin, source)
+    imports = _top_level_names(tree, env, path)
+    return Unit(name or path.name.removesuffix(".sql.j2"), path, meta, template, builtin, source, imports)
+
+
+LIBRARY_DIR = "lib"
+
+
+class Library:
+    """The unit library: `lib/<file>.sql.j2` macros that units import. Built-in files ship in
+    `templates/lib/`; a user's `<templates_dir>/lib/` comes first, so a user file of the same name wins.
+    Library files are not units: no front matter, never listed, only imported."""
+
+    def __init__(self, user_dir: Path | None) -> None:
+        directories = [builtin_templates_dir() / LIBRARY_DIR]
+        if user_dir is not None:
+            directories.insert(0, user_dir / LIBRARY_DIR)
+        search = ChoiceLoader([_LibraryFileLoader(directory) for directory in directories])
+        self.environment = make_environment(PrefixLoader({LIBRARY_DIR: search}, delimiter="/"))
+
+
+class _LibraryFileLoader(FileSystemLoader):
+    """A library file, refused at load when it has front matter or a block that bypasses the guard."""
+
+    def __init__(self, directory: Path) -> None:
+        super().__init__(str(directory))
+        self.directory = directory
+
+    def get_source(self, environment: Environment, template: str) -> tuple[str, str, Callable[[], bool]]:
+        try:
+            source, filename, uptodate = super().get_source(environment, template)
+        except UnicodeDecodeError as exc:
+            raise UnitError(f"{self.directory / template}: not UTF-8 text (byte {exc.start})") from None
+        where = Path(filename)
+        if _FRONT_MATTER.match(source):
+            raise UnitError(f"{where}: library files have no front matter (they hold macros, not a unit)")
+        try:
+            _refuse_unguarded_output(environment.parse(source), where)
+        except TemplateSyntaxError as exc:
+            raise UnitError(f"{where}:{exc.lineno}: template syntax error: {exc.message}") from None
+        return source, filename, uptodate
+
+
+def _top_level_names(tree: nodes.Template, env: Environment, path: Path) -> dict[str, Any]:
+    """What the unit's top level defines for its blocks: `{% import %}` / `{% from … import %}` of
+    library files and its own `{% macro %}`s. Blocks are rendered on their own, without the top
+    level, so these are evaluated here, once (library files take no context), into names the
+    runner puts in every block's context."""
+    names: dict[str, Any] = {}
+    definitions: list[nodes.Node] = []
+    for node in tree.body:
+        if isinstance(node, nodes.Import | nodes.FromImport):
+            names.update(_imported(node, env, path))
+            definitions.append(node)  # the unit's macros may use them too
+        elif isinstance(node, nodes.Macro):
+            definitions.append(node)
+    if any(isinstance(node, nodes.Macro) for node in definitions):
+        code = env.compile(nodes.Template(definitions, lineno=1))
+        module = env.template_class.from_code(env, code, {}, None).make_module()
+        names.update({name: getattr(module, name) for name in module.__dict__ if not name.startswith("_")})
+    return names
+
+
+def _imported(node: nodes.Import | nodes.FromImport, env: Environment, path: Path) -> dict[str, Any]:
+    """What a top-level import binds: a library module (`import … as m`) or its macros (`from …
+    import a, b as c`), checked: an existing library file, no context, macros it has."""
+    if not isinstance(node.template, nodes.Const) or not isinstance(node.template.value, str):
+        raise UnitError(f"{path}:{node.lineno}: import a library file by its name, e.g. \"lib/catalog.sql.j2\"")
+    if node.with_context:
+        raise UnitError(f"{path}:{node.lineno}: library imports take no context: pass values to the macros")
+    try:
+        module = env.get_template(node.template.value).make_module()
+    except TemplateNotFound:
+        raise UnitError(
+            f"{path}:{node.lineno}: no library file {node.template.value!r} "
+            f"(library files are {LIBRARY_DIR}/<name>.sql.j2)"
+        ) from None
+    except TemplateSyntaxError as exc:
+        where = exc.filename or node.template.value
+        raise UnitError(f"{where}:{exc.lineno}: template syntax error: {exc.message}") from None
+    if isinstance(node, nodes.Import):
+        return {node.target: module}
+    names = {}
+    for imported in node.names:
+        macro, alias = imported if isinstance(imported, tuple) else (imported, imported)
+        if not hasattr(module, macro) or macro.startswith("_"):
+            raise UnitError(f"{path}:{node.lineno}: {node.template.value} has no macro {macro!r}")
+        names[alias] = getattr(module, macro)
+    return names
 
 
 def _front_matter(path: Path, text: str) -> FrontMatter:
@@ -368,7 +524,8 @@ def builtin_templates_dir() -> Path:
 
 
 def load_units(user_dir: Path | None) -> dict[str, Unit]:
-    """Built-in units, then user units from `templates_dir` (which override by name)."""
+    """Built-in units, then user units from `templates_dir` (which override by name); all of them
+    import from one library (the user's `lib/` first)."""
     units: dict[str, Unit] = {}
     problems: list[str] = []
     sources = [(builtin_templates_dir(), True)]
@@ -376,10 +533,11 @@ def load_units(user_dir: Path | None) -> dict[str, Unit]:
         if not user_dir.is_dir():
             raise UnitError(f"templates_dir {user_dir} does not exist")
         sources.append((user_dir, False))
+    library = Library(user_dir)
     for directory, builtin in sources:
         for path in sorted(directory.glob("*.sql.j2")):
             try:
-                unit = parse_unit(path, builtin=builtin)
+                unit = parse_unit(path, builtin=builtin, library=library)
             except UnitError as exc:
                 problems.append(str(exc))
                 continue
@@ -507,6 +665,3 @@ def _split_plan(text: str) -> tuple[tuple[str, tuple[int, ...], Control], ...]:
         plan.append((statement, tuple(sorted(mapping, key=mapping.__getitem__)), _control_of(statement)))
     return tuple(plan)
 
-
-def contains_arg_values(values: list[Any]) -> bool:
-    return any(isinstance(v, ArgValue) for v in values)
