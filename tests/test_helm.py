@@ -39,7 +39,7 @@ def test_default_values_validate_against_the_schema() -> None:
 
 
 @pytest.mark.parametrize(("path", "value"), [
-    (("mode",), "sidecar"),
+    (("mode",), "statefulset"),
     (("securityContext", "readOnlyRootFilesystem"), False),
     (("podSecurityContext", "runAsNonRoot"), False),
     (("targets", "app", "mountAs"), "plaintext"),
