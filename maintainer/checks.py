@@ -19,7 +19,7 @@ from maintainer import db, pooler
 from maintainer.project import Project
 from maintainer.render import RenderError
 from maintainer.runner import RunOptions, run_all
-from maintainer.units import UnitError, split_statements
+from maintainer.units import Unit, UnitError, split_statements
 
 
 class PlaceholderArgs(dict[str, Any]):
@@ -59,9 +59,13 @@ def run_checks(project: Project, *, connect: bool = True) -> list[Check]:
         return checks
     for name in sorted(settings.targets):
         checks.extend(_check_target(project, name))
+    fields_seen: dict[str, set[str]] = {}
     for job in sorted(project.jobs.values(), key=lambda j: j.name):
         specs = project.run_specs(job)
         results = run_all(specs, RunOptions(dry_run=True, trigger="check", args=PlaceholderArgs()))
+        for result in results:
+            for finding in result.findings:
+                fields_seen.setdefault(job.unit, set()).update(finding)
         for spec, result in zip(specs, results, strict=True):
             subject = f"job {job.name} on {spec.target_name}" + (f" [{spec.item_label}]" if spec.item_label else "")
             if result.status == "failed":
@@ -72,7 +76,24 @@ def run_checks(project: Project, *, connect: bool = True) -> list[Check]:
                         "ok", subject, f"{len(result.findings)} finding(s), {len(result.actions)} statement(s) planned"
                     )
                 )
+    for unit_name, seen in sorted(fields_seen.items()):
+        checks.extend(_declared_fields_check(project.units[unit_name], seen))
     return checks
+
+
+def _declared_fields_check(unit: Unit, seen: set[str]) -> list[Check]:
+    """Front matter that names a finding field the unit's findings never carry (a typo in `metrics`,
+    `alerts` or `display` would otherwise silently export nothing, never alert, show an empty
+    column). Judged on the findings of the dry runs above: a query's rows all have the same columns."""
+    problems = []
+    for where, fields in unit.finding_fields().items():
+        missing = sorted({name for name in fields if name not in seen})
+        if missing:
+            problems.append(f"{where} names {', '.join(repr(name) for name in missing)}")
+    if not problems:
+        return []
+    return [Check("warn", f"unit {unit.name}",
+                  f"{'; '.join(problems)}: not a field of its findings ({', '.join(sorted(seen))})")]
 
 
 def _check_target(project: Project, name: str) -> list[Check]:

@@ -29,6 +29,7 @@ from urllib.parse import parse_qs, urlsplit
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from maintainer.db import redact_dsn
+from maintainer.project import NUL_IN_ARG
 
 log = logging.getLogger("maintainer")
 
@@ -147,6 +148,8 @@ class _Handler(BaseHTTPRequestHandler):
         args = body.get("args") or {}
         if not isinstance(args, dict) or not all(isinstance(v, str) for v in args.values()):
             raise TriggerRejected(HTTPStatus.BAD_REQUEST, "args must map names to strings")
+        if any("\x00" in str(k) + v for k, v in args.items()):
+            raise TriggerRejected(HTTPStatus.BAD_REQUEST, f"args: {NUL_IN_ARG}")
         if target is not None and not isinstance(target, str):
             raise TriggerRejected(HTTPStatus.BAD_REQUEST, "target must be a string")
         return target, {str(k): v for k, v in args.items()}, bool(body.get("dry_run", False))

@@ -100,6 +100,10 @@ class Project:
         return specs
 
 
+# PostgreSQL's text cannot hold a NUL byte; refused up front instead of failing at bind time.
+NUL_IN_ARG = "the value contains a NUL byte, which PostgreSQL text cannot hold"
+
+
 def parse_args(pairs: list[str]) -> dict[str, ArgValue]:
     """`--arg key=value` pairs; values stay untrusted (`ArgValue`) and can only be bound."""
     args: dict[str, ArgValue] = {}
@@ -107,6 +111,8 @@ def parse_args(pairs: list[str]) -> dict[str, ArgValue]:
         key, sep, value = pair.partition("=")
         if not sep or not key.strip().isidentifier():
             raise ConfigError([f"--arg {pair.split('=')[0]!r}: use --arg name=value with a plain name"])
+        if "\x00" in value:
+            raise ConfigError([f"--arg {key.strip()}: {NUL_IN_ARG}"])
         args[key.strip()] = ArgValue(value)
     return args
 

@@ -184,6 +184,7 @@ def test_markup_in_user_text_is_shown_verbatim(workspace: Workspace, db: Databas
         assert_usage_error(cli(workspace, "trigger", "x[/red]"), "unknown job 'x[/red]' (jobs: echo)")
         assert_usage_error(cli(workspace, "trigger", "echo", "--arg", "[/red]=1"), "--arg '[/red]'")
         assert_usage_error(cli(workspace, "plan", "echo", "--arg", "[bold]x:smile:=1"), "--arg '[bold]x:smile:'")
+        assert_usage_error(cli(workspace, "trigger", "echo", "--arg", "x=a\x00b"), "--arg x: the value contains a NUL")
         # The pattern in the message is markup-like text too: it must survive.
         write_yaml(workspace.root / "jobs" / "echo.yaml", "name: Echo[/red]\nunit: echo\nparams: {table: t}\n")
         assert_usage_error(cli(workspace, "jobs"), "job name 'Echo[/red]' must match [a-z0-9][a-z0-9-]*")

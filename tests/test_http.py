@@ -66,6 +66,8 @@ def test_trigger_needs_the_bearer_token(daemon: Daemon) -> None:
     status, _, body = request(port, "/jobs/headroom/trigger", "POST", token=TOKEN, body={"target": "elsewhere"})
     assert status == 400 and "unknown target" in body
     assert request(port, "/jobs/headroom/trigger", "POST", token=TOKEN, body=["x"])[0] == 400
+    status, _, body = request(port, "/jobs/headroom/trigger", "POST", token=TOKEN, body={"args": {"x": "a\x00b"}})
+    assert status == 400 and "NUL byte" in body
     # A trigger id is no secret, but its runs are: the same token is needed to read them.
     status, _, body = request(port, "/jobs/headroom/trigger", "POST", token=TOKEN)
     assert status == 202

@@ -235,3 +235,42 @@ def test_a_user_unit_imports_built_in_and_own_macros_and_every_block_sees_its_do
     assert set(seen) == {"survey", "prepare", "discover", "apply", "after", "verify", "report", "check"}
     for block in seen:
         assert seen[block] == set(render_context.names_of(block)), block
+
+
+def test_check_names_front_matter_fields_that_findings_never_carry(workspace: Workspace, db: Database) -> None:
+    workspace.unit("typo", """\
+---
+description: a unit whose front matter names a field it never returns
+metrics:
+  maintainer_typo_rows: {value: rwos, labels: [relname]}
+alerts: {level: level, key: [relname], message: "{relname}: {nope} rows"}
+display: [relname, level, colour]
+---
+{% block discover %}SELECT 'pg_class' AS relname, 'ok' AS level{% endblock %}
+""")
+    workspace.job("typo", unit="typo")
+    result = workspace.cli("check")
+    line = next(line for line in result.output.splitlines() if "unit typo" in line)
+    assert "metrics.maintainer_typo_rows names 'rwos'" in line
+    assert "alerts names 'nope'" in line and "display names 'colour'" in line
+    assert "'relname'" not in line.split(":")[0]
+
+
+def test_the_built_in_units_declare_only_fields_their_findings_carry(workspace: Workspace, db: Database) -> None:
+    db.run_script("""
+        CREATE TABLE metrics (id bigint, created_at timestamptz NOT NULL) PARTITION BY RANGE (created_at);
+        CREATE TABLE metrics_old PARTITION OF metrics FOR VALUES FROM ('2000-01-01') TO ('2000-02-01');
+        CREATE TABLE things (id serial PRIMARY KEY, email text);
+        INSERT INTO things (email) SELECT 'x' || g FROM generate_series(1, 100) g;
+        ANALYZE things;
+    """)
+    workspace.job("sequences", unit="sequences")
+    workspace.job("autovacuum", unit="autovacuum")
+    workspace.job("reindex", unit="reindex", params={"min_wasted": 0, "min_bloat": 0})
+    workspace.job("partitions", unit="partitions",
+                  items=[{"table": "public.metrics", "interval": "1 month", "retention": "12 months"}])
+    workspace.job("anonymize", unit="anonymize",
+                  items=[{"table": "public.things", "where": "id < 10", "set": {"email": None}}])
+    result = workspace.cli("check")
+    assert "not a field of its findings" not in result.output, result.output
+    assert result.output.count("finding(s)") == 5, result.output
