@@ -217,6 +217,35 @@ def report(config: str | None, as_json: bool, limit: int) -> None:
     sys.exit(0 if all(state == "ok" for state in data["targets"].values()) else 1)
 
 
+@main.command()
+@target_option
+@click.option("--job", "job_name", default=None, help="only this advisor job (default: every job of unit advisor)")
+@click.option("--sql", "as_sql", is_flag=True, help="one migration script: reasons as comments, safe order")
+@config_option
+@click.option("--json", "as_json", is_flag=True)
+def advise(target: str | None, job_name: str | None, as_sql: bool, config: str | None, as_json: bool) -> None:
+    """The advisor's recommendations (standbys named in `replicas` read too), or --sql a migration script."""
+    import dataclasses
+
+    from maintainer.advisor import advise as run_advisor
+    from maintainer.advisor import migration_script
+
+    project = _load(config)
+    with _usage_errors():
+        advice = run_advisor(project, target, job_name)
+    results = [dataclasses.replace(a.result, findings=a.recommendations) for a in advice]
+    if as_sql:
+        click.echo(migration_script(advice), nl=False)
+    elif as_json:
+        click.echo(json.dumps({"runs": [r.to_json() for r in results]}, default=str))
+    else:
+        for item, result in zip(advice, results, strict=True):
+            output.print_run(stdout, result, show_sql=False)
+            for name, why in item.unread.items():
+                output.print_error(stderr, f"standby {name} not read: {why}")
+    sys.exit(exit_code(results))
+
+
 def _print_json(data: Any) -> None:
     click.echo(json.dumps(data, default=str))
 
