@@ -24,6 +24,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disa
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from maintainer.pacing import THROTTLE_REASONS
 from maintainer.project import item_label
 from maintainer.results import RunResult
 from maintainer.units import Unit
@@ -35,6 +36,7 @@ _LABEL_RE = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
 # Maintenance runs take from milliseconds (a catalog query) to hours (a sweep, a big REINDEX).
 DURATION_BUCKETS = (0.1, 0.5, 1, 5, 15, 60, 300, 900, 3600, 4 * 3600, float("inf"))
 FINDINGS_METRIC = "maintainer_findings"
+RUN_STATUSES = ("ok", "failed", "skipped")
 
 
 @dataclass(frozen=True)
@@ -164,6 +166,7 @@ class Metrics:
         self.registry.register(self.findings)
 
     def observe(self, unit: Unit, result: RunResult) -> None:
+        self._initialise(result.job, result.target)
         self.runs.labels(result.job, result.target, result.status).inc()
         for reason, seconds in result.throttled_seconds.items():
             self.throttled.labels(result.job, result.target, reason).inc(seconds)
@@ -178,7 +181,16 @@ class Metrics:
             self.findings.update(unit, result.job, result.target, item_label(result.item), result.findings)
 
     def skipped(self, job: str, target: str) -> None:
+        self._initialise(job, target)
         self.runs.labels(job, target, "skipped").inc()
+
+    def _initialise(self, job: str, target: str) -> None:
+        """Export the counters of a (job, target) at 0 from its first run on: `increase()` cannot see
+        the first failure or wait of a series that is born at 1 (the alert rules rely on it)."""
+        for status in RUN_STATUSES:
+            self.runs.labels(job, target, status)
+        for reason in THROTTLE_REASONS:
+            self.throttled.labels(job, target, reason)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -57,6 +57,10 @@ SELECT 'slot_retained_bytes', slot_name::text, pg_wal_lsn_diff(pg_current_wal_in
 """
 
 
+# What a run waits for (`Signal.reason`, the `reason` label of maintainer_throttled_seconds_total).
+THROTTLE_REASONS = ("replica_lag", "replica_lag_bytes", "slot_retained_bytes")
+
+
 @dataclass(frozen=True)
 class Signal:
     """One measurement over its limit."""
