@@ -6,7 +6,7 @@ import json
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 from rich.console import Console
@@ -16,6 +16,9 @@ from maintainer.config import ConfigError
 from maintainer.project import Project, load_project, parse_args
 from maintainer.results import RunResult, exit_code
 from maintainer.runner import Progress, RunOptions, run_all
+
+if TYPE_CHECKING:
+    from maintainer.monitoring import Source
 
 
 def _console(stderr: bool = False) -> Console:
@@ -248,6 +251,49 @@ def advise(target: str | None, job_name: str | None, as_sql: bool, config: str |
 
 def _print_json(data: Any) -> None:
     click.echo(json.dumps(data, default=str))
+
+
+monitoring_config = click.option(
+    "-c",
+    "--config",
+    "config",
+    metavar="PATH",
+    default=None,
+    help="maintainer.yaml (default: $MAINTAINER_CONFIG, else ./maintainer.yaml; without one, the built-in units)",
+)
+output_option = click.option("-o", "--output", metavar="PATH", default=None, help="write to PATH, not stdout")
+
+
+@main.command()
+@monitoring_config
+@output_option
+def rules(config: str | None, output: str | None) -> None:
+    """Prometheus alerting rules (YAML) for the jobs and every unit's metrics."""
+    from maintainer import rules as generator
+
+    _generate(generator.render, config, output)
+
+
+@main.command()
+@monitoring_config
+@output_option
+def dashboard(config: str | None, output: str | None) -> None:
+    """A Grafana dashboard (JSON) for the jobs and every unit's metrics."""
+    from maintainer import dashboard as generator
+
+    _generate(generator.render, config, output)
+
+
+def _generate(render: Callable[[Source], str], config: str | None, output: str | None) -> None:
+    from maintainer.monitoring import load_source
+
+    with _usage_errors():
+        text = render(load_source(config))
+    if output is None:
+        click.echo(text, nl=False)
+    else:
+        with open(output, "w", encoding="utf-8") as file:
+            file.write(text)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -22,42 +22,29 @@ from typing import Any
 import psycopg
 
 from maintainer import pgserver
+from tests import debian
+from tests.debian import PackageUnavailable
 
 DEBIAN_BINARY = Path("/usr/sbin/pgbouncer")
 # Debian's package would run its own instance from this pidfile if its post-install started one.
 DEBIAN_PIDFILE = Path("/run/postgresql/pgbouncer.pid")
 
 
-class PgBouncerUnavailable(Exception):
+class PgBouncerUnavailable(PackageUnavailable):
     """No pgbouncer binary and no way to install one; the message is the reason to skip."""
 
 
 def binary() -> Path:
     """The pgbouncer executable, installed with apt when missing (root only)."""
     found = shutil.which("pgbouncer")
-    if found:
-        return Path(found)
-    if DEBIAN_BINARY.exists():
-        return DEBIAN_BINARY
-    if os.geteuid() != 0 or shutil.which("apt-get") is None:
-        raise PgBouncerUnavailable("pgbouncer is not installed (apt-get install pgbouncer, as root)")
-    _apt_install()
-    if not DEBIAN_BINARY.exists():
-        raise PgBouncerUnavailable("apt-get install pgbouncer did not provide /usr/sbin/pgbouncer")
-    return DEBIAN_BINARY
-
-
-def _apt_install() -> None:
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    command = ["apt-get", "install", "-y", "--no-install-recommends", "pgbouncer"]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, check=False)
-    if done.returncode != 0:  # an empty or stale package list: update once and try again
-        subprocess.run(["apt-get", "update"], env=env, capture_output=True, timeout=600, check=False)
-        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, check=False)
-    if done.returncode != 0:
-        tail = "\n".join((done.stdout + done.stderr).strip().splitlines()[-5:])
-        raise PgBouncerUnavailable(f"apt-get install pgbouncer failed:\n{tail}")
-    _stop_package_service()
+    if found or DEBIAN_BINARY.exists():
+        return Path(found or DEBIAN_BINARY)
+    try:
+        return debian.binary("pgbouncer", "pgbouncer", DEBIAN_BINARY)
+    except PackageUnavailable as exc:
+        raise PgBouncerUnavailable(str(exc)) from None
+    finally:
+        _stop_package_service()  # in case the package's post-install started one anyway
 
 
 def _stop_package_service() -> None:
