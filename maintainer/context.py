@@ -39,6 +39,11 @@ NAMES: tuple[ContextName, ...] = (
                 "installed extensions `{name: {schema, version}}`: a SELECT naming a function of a "
                 "missing extension fails when parsed, so a unit branches on this at render time"),
     ContextName("ledger_exists", ITEM_BLOCKS, "whether the ledger tables exist (a dry run on a new target has none)"),
+    ContextName("history", ITEM_BLOCKS,
+                "for units with a `forecast_min_span` param: earlier `ok` runs of this job, target and item whose "
+                "findings a forecast reads, `[{run_id, observed_at}]` oldest first (at most one per slice of "
+                "`forecast_window`, so replicas that ran together count once); `[]` without a ledger or in "
+                "other units"),
     ContextName("items", ("survey",), "each item of the job: `{index, params, item}`"),
     ContextName("prepared", ITEM_BLOCKS, "the first row of `prepare` (`{}` before it has run, or without one)"),
     ContextName("row", ITEM_BLOCKS, "in `apply` and `recheck`, the step's finding (the discover row); `{}` elsewhere"),
@@ -71,11 +76,12 @@ def survey_context(run: Mapping[str, Any], items: Sequence[Mapping[str, Any]]) -
 
 
 def item_context(
-    run: Mapping[str, Any], params: Mapping[str, Any], *, extensions: Mapping[str, Any], ledger_exists: bool
+    run: Mapping[str, Any], params: Mapping[str, Any], *, extensions: Mapping[str, Any], ledger_exists: bool,
+    history: Sequence[Mapping[str, Any]] = (),
 ) -> dict[str, Any]:
     """An item's blocks from `prepare` on; `prepared`, `row` and `prev` are filled as the run goes."""
     return {**run, "params": params, "extensions": extensions, "ledger_exists": ledger_exists,
-            "prepared": {}, "row": {}, "prev": None}
+            "history": list(history), "prepared": {}, "row": {}, "prev": None}
 
 
 def step_context(item: Mapping[str, Any], row: Mapping[str, Any]) -> dict[str, Any]:

@@ -32,6 +32,9 @@ if TYPE_CHECKING:
 
 LEDGER_VERSION = 1
 
+# Earlier runs a forecast reads at most (see `Ledger.forecast_runs`).
+FORECAST_POINTS = 6
+
 INTERRUPTED = "interrupted: the process ended before the run finished"
 
 _MIGRATIONS: dict[int, str] = {
@@ -352,6 +355,35 @@ class Ledger:
             ).format(self._s)
         ).fetchall()
         return {(r["job"], r["target"]): dict(r) for r in rows}
+
+    def forecast_runs(
+        self, job: str, target: str, item: str | None, *, window: timedelta, points: int = FORECAST_POINTS
+    ) -> list[dict[str, Any]]:
+        """The earlier runs whose findings a forecast reads, oldest first: `[{run_id, observed_at}]`.
+
+        Finished `ok` runs of (job, target, item) started within `window` before now. The time from
+        the oldest of them to now is cut into `points` equal slices and each slice gives its oldest
+        run: a forecast reads a bounded number of runs however often the job runs, spread over the
+        whole window (the oldest is always among them, so the rate is measured over the longest
+        span), and two daemon replicas that ran the same job moments apart count once."""
+        rows = self.conn.execute(
+            sql.SQL(
+                "WITH recent AS ("
+                " SELECT id, started_at FROM {s}.run"
+                " WHERE job = %s AND target = %s AND item IS NOT DISTINCT FROM %s AND status = 'ok'"
+                " AND finished_at IS NOT NULL AND started_at >= now() - %s::interval AND started_at < now()),"
+                " sliced AS ("
+                " SELECT r.id, r.started_at,"
+                " width_bucket(extract(epoch FROM r.started_at), b.lo, b.hi, %s) AS slice"
+                " FROM recent r, (SELECT extract(epoch FROM min(started_at)) AS lo, extract(epoch FROM now()) AS hi"
+                " FROM recent) b)"
+                " SELECT id AS run_id, started_at AS observed_at FROM ("
+                " SELECT DISTINCT ON (slice) id, started_at FROM sliced ORDER BY slice, started_at, id) picked"
+                " ORDER BY started_at, id"
+            ).format(s=self._s),
+            (job, target, item, window, max(points, 1)),
+        ).fetchall()
+        return [dict(r) for r in rows]
 
 
 def each_ledger(settings: Settings, *, connect_timeout: int = 5) -> Iterator[tuple[str, Ledger | None, str | None]]:

@@ -39,6 +39,7 @@ log = logging.getLogger("maintainer")
 T = TypeVar("T")
 
 LOCK_HELD = "another runner holds the lock for this job, target and item"
+DEFAULT_FORECAST_WINDOW = dt.timedelta(days=7)  # for a unit that has no `forecast_window` param
 
 
 @dataclass
@@ -564,7 +565,23 @@ class _Run:
             args=self.opts.args, dry_run=self.opts.dry_run,
         )
         extensions, ledger_exists = self._catalog_facts()
-        return render_context.item_context(run, self.spec.params, extensions=extensions, ledger_exists=ledger_exists)
+        return render_context.item_context(
+            run, self.spec.params, extensions=extensions, ledger_exists=ledger_exists,
+            history=self._history() if ledger_exists else [],
+        )
+
+    def _history(self) -> list[dict[str, Any]]:
+        """A forecasting unit's (one with a `forecast_min_span` param) earlier runs: one ledger query
+        per run, read on the work connection so that a dry run sees them too and writes nothing."""
+        if "forecast_min_span" not in self.unit.meta.params:
+            return []
+        window = self.spec.params.get("forecast_window")
+        assert self.conn is not None
+        ledger = Ledger(self.conn, self.spec.settings.state_schema)
+        return self._with_retries(lambda: ledger.forecast_runs(
+            self.spec.job.name, self.spec.target_name, self.spec.item_label,
+            window=window if isinstance(window, dt.timedelta) else DEFAULT_FORECAST_WINDOW,
+        ))
 
     def _catalog_facts(self) -> tuple[dict[str, Any], bool]:
         """Read in one query: whether every `table` param names an existing relation (else fail

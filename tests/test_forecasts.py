@@ -1,0 +1,206 @@
+"""Forecasts from the ledger's history (SPEC §13) with real runs seconds apart on every server.
+
+Each test makes history the way production does — runs of the job recorded in the ledger while
+something consumes the counter at a known pace — with `forecast_min_span` lowered to seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from tests.conftest import Database, Workspace
+
+INT4_MAX = 2147483647
+
+
+def run_job(workspace: Workspace, job: str) -> list[dict[str, Any]]:
+    result = workspace.cli("trigger", job, "--json")
+    assert result.exit_code == 0, result.output
+    runs = json.loads(result.output)["runs"]
+    assert runs and all(r["error"] is None for r in runs), runs
+    return [f for r in runs for f in r["findings"]]
+
+
+class Pacer:
+    """Consumes a counter at `per_second` on the wall clock, in a thread, until stopped; `rate` is
+    the pace it really kept (what a forecast should find)."""
+
+    def __init__(self, db: Database, statement: str, per_second: float) -> None:
+        self.db, self.statement, self.per_second = db, statement, per_second
+        self.stop = threading.Event()
+        self.consumed = 0
+        self.started = self.ended = 0.0
+        self.thread = threading.Thread(target=self._run)
+
+    def _run(self) -> None:
+        with self.db.connect() as conn:
+            self.started = time.monotonic()
+            while not self.stop.is_set():
+                due = int(self.per_second * (time.monotonic() - self.started)) - self.consumed
+                if due > 0:
+                    conn.execute(self.statement, {"n": due})
+                    self.consumed += due
+                time.sleep(0.02)
+            self.ended = time.monotonic()
+
+    @property
+    def rate_per_day(self) -> float:
+        return self.consumed / (self.ended - self.started) * 86400
+
+    def __enter__(self) -> Pacer:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join()
+
+
+def runs_apart(workspace: Workspace, job: str, count: int, gap: float) -> list[list[dict[str, Any]]]:
+    found = []
+    for number in range(count):
+        if number:
+            time.sleep(gap)
+        found.append(run_job(workspace, job))
+    return found
+
+
+# -- sequences ------------------------------------------------------------------------------------
+
+SEQUENCE_PARAMS = {"schemas": ["fc"], "forecast_min_span": "2s", "forecast_window": "1h"}
+
+
+@pytest.fixture
+def orders(workspace: Workspace, db: Database) -> Iterator[Workspace]:
+    db.run_script("""
+        CREATE SCHEMA fc;
+        CREATE TABLE fc.orders (id serial PRIMARY KEY, note text);
+        SELECT setval('fc.orders_id_seq', 2000000000);
+    """)
+    workspace.job("sequences", unit="sequences", params=SEQUENCE_PARAMS)
+    yield workspace
+
+
+def orders_finding(findings: list[dict[str, Any]]) -> dict[str, Any]:
+    return next(f for f in findings if f["column"] == "fc.orders.id")
+
+
+CONSUME = "SELECT setval('fc.orders_id_seq', nextval('fc.orders_id_seq') + %(n)s - 1)"
+
+
+def test_a_single_observation_gives_no_forecast(orders: Workspace) -> None:
+    finding = orders_finding(run_job(orders, "sequences"))
+    assert finding["rate_per_day"] is None and finding["days_left"] is None
+    assert "no earlier observation" in finding["forecast_note"]
+    assert finding["level"] == "critical"  # the ratio rule alone: 93% used
+
+
+def test_days_left_of_a_sequence_consumed_at_a_known_pace(orders: Workspace, db: Database) -> None:
+    with Pacer(db, CONSUME, per_second=2000) as pacer:
+        history = runs_apart(orders, "sequences", 4, gap=1.5)
+    first, last = orders_finding(history[0]), orders_finding(history[-1])
+    assert first["days_left"] is None
+    left = INT4_MAX - last["last_value"]
+    truth = left / pacer.rate_per_day
+    assert last["rate_per_day"] == pytest.approx(pacer.rate_per_day, rel=0.10)
+    assert last["days_left"] == pytest.approx(truth, rel=0.10)
+    assert last["forecast_note"] is None and "Exhausts in ~" in last["forecast"]
+    # 147M values left at ~173M a day: less than critical_days
+    assert last["days_left"] < 30 and last["level"] == "critical"
+
+
+def test_the_days_rule_raises_a_level_the_ratio_rule_leaves_ok(workspace: Workspace, db: Database) -> None:
+    db.run_script("CREATE SCHEMA fc; CREATE TABLE fc.orders (id serial PRIMARY KEY);")
+    workspace.job("sequences", unit="sequences", params={**SEQUENCE_PARAMS, "warn_days": 100000})
+    with Pacer(db, CONSUME, per_second=50):
+        history = runs_apart(workspace, "sequences", 3, gap=1.5)
+    first, last = orders_finding(history[0]), orders_finding(history[-1])
+    assert first["level"] == "ok" and last["used_ratio"] < 0.01
+    # 2^31 values at ~4.3M a day: about 500 days, past critical_days but within warn_days
+    assert 300 < last["days_left"] < 1000 and last["level"] == "warn"
+
+
+def test_a_setval_backwards_mid_history_gives_no_negative_or_absurd_rate(orders: Workspace, db: Database) -> None:
+    with Pacer(db, CONSUME, per_second=2000) as pacer:
+        history = runs_apart(orders, "sequences", 2, gap=1.5)
+        db.execute("SELECT setval('fc.orders_id_seq', 1000)")
+        history += runs_apart(orders, "sequences", 3, gap=1.5)
+    after_reset = orders_finding(history[2])
+    assert after_reset["rate_per_day"] is None and "reset" in after_reset["forecast_note"]
+    for findings in history:
+        rate = orders_finding(findings)["rate_per_day"]
+        assert rate is None or 0 <= rate <= 2 * pacer.rate_per_day
+    last = orders_finding(history[-1])
+    assert last["rate_per_day"] == pytest.approx(pacer.rate_per_day, rel=0.10)
+    assert last["days_left"] > 0
+
+
+def test_a_sequence_recreated_under_the_same_name_starts_afresh(orders: Workspace, db: Database) -> None:
+    run_job(orders, "sequences")
+    time.sleep(2.1)
+    db.run_script("""
+        DROP TABLE fc.orders;
+        CREATE TABLE fc.orders (id serial PRIMARY KEY, note text);
+        SELECT setval('fc.orders_id_seq', 2100000000);
+    """)
+    finding = orders_finding(run_job(orders, "sequences"))
+    assert finding["rate_per_day"] is None and finding["days_left"] is None
+
+
+# -- autovacuum -----------------------------------------------------------------------------------
+
+
+class XidBurner(Pacer):
+    """Burns transaction IDs at `per_second`, one `txid_current()` transaction each; `rate_per_day`
+    is the pace the whole cluster's counter really kept meanwhile (the runs' own IDs included)."""
+
+    def __init__(self, db: Database, per_second: float) -> None:
+        super().__init__(db, "SELECT txid_current()", per_second)
+        self.first = self.last = 0
+
+    def _run(self) -> None:
+        with self.db.connect() as conn:
+            self.first = self._position(conn)
+            self.started = time.monotonic()
+            while not self.stop.is_set():
+                due = int(self.per_second * (time.monotonic() - self.started)) - self.consumed
+                for _ in range(max(due, 0)):
+                    conn.execute(self.statement)
+                self.consumed += max(due, 0)
+                time.sleep(0.02)
+            self.last = self._position(conn)
+            self.ended = time.monotonic()
+
+    @staticmethod
+    def _position(conn: Any) -> int:
+        return int(conn.execute("SELECT pg_snapshot_xmax(pg_current_snapshot())::text::bigint").fetchone()[0])
+
+    @property
+    def rate_per_day(self) -> float:
+        return (self.last - self.first) / (self.ended - self.started) * 86400
+
+
+def test_xid_days_left_at_a_known_pace_of_transactions(workspace: Workspace, db: Database) -> None:
+    db.run_script("CREATE SCHEMA fc; CREATE TABLE fc.events (id bigint);")
+    workspace.job("autovacuum", unit="autovacuum",
+                  params={"schemas": ["fc"], "forecast_min_span": "2s", "forecast_window": "1h"})
+    with XidBurner(db, per_second=300) as burner:
+        history = runs_apart(workspace, "autovacuum", 4, gap=1.5)
+    freeze_max_age = int(db.execute("SHOW autovacuum_freeze_max_age")[0][0])
+    first = {f["object"]: f for f in history[0]}
+    last = {f["object"]: f for f in history[-1]}
+    table, database = last["fc.events"], last[f'"{db.name}"' if not db.name.islower() else db.name]
+    assert first["fc.events"]["xid_days_left"] is None and first["fc.events"]["forecast_note"]
+    assert table["xid_rate_per_day"] == pytest.approx(burner.rate_per_day, rel=0.10)
+    for row in (table, database):
+        truth = (freeze_max_age - row["xid_age"]) / burner.rate_per_day
+        assert row["xid_days_left"] == pytest.approx(truth, rel=0.10), row
+        stop = (2147483647 - 3000000 - row["xid_age"]) / burner.rate_per_day
+        assert row["wraparound_days_left"] == pytest.approx(stop, rel=0.10), row
+    assert "Exhausts transaction IDs" in database["forecast"]
