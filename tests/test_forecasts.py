@@ -204,3 +204,43 @@ def test_xid_days_left_at_a_known_pace_of_transactions(workspace: Workspace, db:
         stop = (2147483647 - 3000000 - row["xid_age"]) / burner.rate_per_day
         assert row["wraparound_days_left"] == pytest.approx(stop, rel=0.10), row
     assert "Exhausts transaction IDs" in database["forecast"]
+
+
+# -- partitions -----------------------------------------------------------------------------------
+
+
+def test_runway_days_is_the_upper_bound_of_the_last_partition_ahead(workspace: Workspace, db: Database) -> None:
+    db.run_script("CREATE TABLE public.metrics (at timestamptz NOT NULL, v int) PARTITION BY RANGE (at);")
+    workspace.job("partitions", unit="partitions",
+                  items=[{"table": "public.metrics", "interval": "1 day", "premake": 3}])
+    finding = run_job(workspace, "partitions")[0]
+    upper = db.execute("""
+        SELECT max((regexp_match(pg_get_expr(c.relpartbound, c.oid), 'TO \\(''([^'']+)''\\)'))[1]::timestamptz)
+          FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+         WHERE i.inhparent = 'public.metrics'::regclass""")[0][0]
+    now = db.execute("SELECT now()")[0][0]
+    assert finding["partitions_ahead"] == 3
+    assert finding["runway_days"] == pytest.approx((upper - now).total_seconds() / 86400, abs=0.02)
+    # the steady pass (vouched for by the survey) says the same
+    again = run_job(workspace, "partitions")[0]
+    assert again["runway_days"] == pytest.approx(finding["runway_days"], abs=0.02)
+
+
+def test_runway_days_of_an_integer_key_at_a_known_pace(workspace: Workspace, db: Database) -> None:
+    db.run_script("""
+        CREATE TABLE public.events (id bigint NOT NULL, v int) PARTITION BY RANGE (id);
+        CREATE SEQUENCE public.events_ids;
+        INSERT INTO public.events SELECT 0, 0 WHERE false;
+    """)
+    workspace.job("partitions", unit="partitions", params={"forecast_min_span": "2s", "forecast_window": "1h"},
+                  items=[{"table": "public.events", "interval": 1000000, "premake": 2}])
+    run_job(workspace, "partitions")  # creates the partitions the inserts need
+    insert = "INSERT INTO public.events SELECT nextval('public.events_ids'), 0 FROM generate_series(1, %(n)s)"
+    with Pacer(db, insert, per_second=20) as pacer:
+        history = runs_apart(workspace, "partitions", 3, gap=1.5)
+    first, last = history[0][0], history[-1][0]
+    assert first["runway_days"] is None and first["forecast_note"]
+    assert last["key_rate_per_day"] == pytest.approx(pacer.rate_per_day, rel=0.10)
+    upper = 1000000 * (last["partitions_ahead"] + 1)
+    truth = (upper - last["max_key"]) / pacer.rate_per_day
+    assert last["runway_days"] == pytest.approx(truth, rel=0.10)
