@@ -10,6 +10,7 @@ without Python. The daemon uses the same query to restore its gauges after a res
 from __future__ import annotations
 
 import datetime as dt
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -136,8 +137,9 @@ def assemble(project: Project, runs: list[LatestRun], targets: dict[str, str]) -
         for finding in run.findings:
             section["findings"].append(_entry(unit, run, finding))
     for section in sections.values():
-        # Stable: among equals, the unit's own order (its discover ORDER BY) and then target order.
-        section["findings"].sort(key=lambda e: -LEVEL_RANK.get(str(e["level"]), 0))
+        # The worst level first, within a level the fewest days left (forecasts); among equals, the
+        # unit's own order (its discover ORDER BY) and then target order (the sort is stable).
+        section["findings"].sort(key=lambda e: (-LEVEL_RANK.get(str(e["level"]), 0), days_left(e["finding"])))
         counts: dict[str, int] = {}
         for entry in section["findings"]:
             counts[str(entry["level"] or "none")] = counts.get(str(entry["level"] or "none"), 0) + 1
@@ -149,6 +151,16 @@ def assemble(project: Project, runs: list[LatestRun], targets: dict[str, str]) -
         "targets": targets,
         "sections": ordered,
     }
+
+
+# Forecast fields of the built-in units (SPEC §13): how many days until a limit is reached.
+DAYS_FIELDS = ("days_left", "wraparound_days_left", "xid_days_left", "runway_days")
+
+
+def days_left(finding: Mapping[str, Any]) -> float:
+    """The fewest days any forecast of `finding` gives (infinity without one), for sorting by urgency."""
+    days = [float(v) for k in DAYS_FIELDS if isinstance(v := finding.get(k), int | float) and not isinstance(v, bool)]
+    return min(days, default=math.inf)
 
 
 def _entry(unit: Unit, run: LatestRun, finding: Mapping[str, Any]) -> dict[str, Any]:

@@ -141,6 +141,21 @@ def test_a_setval_backwards_mid_history_gives_no_negative_or_absurd_rate(orders:
     assert last["days_left"] > 0
 
 
+def test_report_puts_the_fewest_days_first_within_a_level(orders: Workspace, db: Database) -> None:
+    # fc.aaa is fuller but idle; fc.orders, consumed, runs out first: the report says so first
+    db.run_script("CREATE TABLE fc.aaa (id serial PRIMARY KEY); SELECT setval('fc.aaa_id_seq', 2100000000);")
+    with Pacer(db, CONSUME, per_second=2000):
+        history = runs_apart(orders, "sequences", 3, gap=1.5)
+    assert [f["column"] for f in history[-1]][:2] == ["fc.aaa.id", "fc.orders.id"]
+    result = orders.cli("report", "--json")
+    assert result.exit_code == 0, result.output
+    section = next(s for s in json.loads(result.output)["sections"] if s["unit"] == "sequences")
+    critical = [e["finding"]["column"] for e in section["findings"] if e["level"] == "critical"]
+    assert critical == ["fc.orders.id", "fc.aaa.id"]
+    assert section["findings"][0]["values"]["days_left"] > 0
+    assert "Exhausts in ~" in section["findings"][0]["message"]
+
+
 def test_a_sequence_recreated_under_the_same_name_starts_afresh(orders: Workspace, db: Database) -> None:
     run_job(orders, "sequences")
     time.sleep(2.1)
