@@ -57,9 +57,9 @@ HEADER = """\
 #
 # The maintainer's own `job` label must survive the scrape: scrape with honor_labels: true
 # (ServiceMonitor honorLabels: true), else Prometheus renames it to exported_job.
-# Until the forecast gauges exist (maintainer_sequence_days_left, maintainer_xid_days_left,
-# maintainer_partition_runway_days), sequence, wraparound and partition alerts use the ratio and
-# level gauges the units export today, with the thresholds the units use for warn and critical.
+# Sequence, wraparound and partition alerts use the ratio and count gauges, with the thresholds the
+# units use for warn and critical; the forecast gauges (maintainer_sequence_days_left,
+# maintainer_xid_days_left, maintainer_partition_runway_days) are on the dashboard, not in these rules yet.
 """
 
 
