@@ -523,7 +523,11 @@ def private_engine(log: Callable[[str], None] = print) -> Iterator[DockerEngine]
     unix sockets allow 107 bytes); raises :class:`EngineUnavailable` when none can run."""
     root = Path(tempfile.mkdtemp(prefix="pgm-docker-"))
     engine = DockerEngine(root, log=log)
-    engine.start()
+    try:
+        engine.start()
+    except BaseException:
+        shutil.rmtree(root, ignore_errors=True)
+        raise
     try:
         yield engine
     finally:
