@@ -6,7 +6,7 @@ import json
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import click
 from rich.console import Console
@@ -247,10 +247,6 @@ def advise(target: str | None, job_name: str | None, as_sql: bool, config: str |
             for name, why in item.unread.items():
                 output.print_error(stderr, f"standby {name} not read: {why}")
     sys.exit(exit_code(results))
-
-
-def _print_json(data: Any) -> None:
-    click.echo(json.dumps(data, default=str))
 
 
 monitoring_config = click.option(

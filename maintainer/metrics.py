@@ -14,7 +14,6 @@ object that disappears (a dropped sequence) stops being exported instead of goin
 from __future__ import annotations
 
 import logging
-import re
 import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -31,8 +30,6 @@ from maintainer.units import Unit
 
 log = logging.getLogger("maintainer")
 
-_NAME_RE = re.compile(r"^[a-zA-Z_:][a-zA-Z0-9_:]*$")
-_LABEL_RE = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
 # Maintenance runs take from milliseconds (a catalog query) to hours (a sweep, a big REINDEX).
 DURATION_BUCKETS = (0.1, 0.5, 1, 5, 15, 60, 300, 900, 3600, 4 * 3600, float("inf"))
 FINDINGS_METRIC = "maintainer_findings"
