@@ -436,7 +436,7 @@ def test_the_built_in_units_declare_what_their_messages_hold() -> None:
 
     units = load_units(None)
     assert {name for name, unit in units.items() if unit.meta.trusted_messages} == {
-        "autovacuum", "partitions", "reindex", "sequences"}
+        "advisor", "autovacuum", "partitions", "reindex", "sequences"}
     assert units["anonymize"].meta.sensitive and not units["anonymize"].meta.trusted_messages
 
 
