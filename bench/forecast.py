@@ -9,10 +9,10 @@
    of `days_left` is |r / rate - 1|; for comparison, the naive rate of the last two runs.
 2. Cost. One throwaway cluster, 5,000 sequences (serial and identity columns), a
    ledger holding a week of earlier runs: the wall time of a whole `sequences` run (`run()`, as
-   `maintainer trigger` does) with forecasts on, and with the history hidden from the unit (off),
-   in interleaved rounds.
+   `maintainer trigger` does) with forecasts on, and off (the history hidden from the unit and
+   nothing observed kept in the ledger), in interleaved rounds.
 
-Usage: .venv/bin/python bench/forecast.py [--trials 200] [--sequences 5000] [--rounds 7]
+Usage: .venv/bin/python bench/forecast.py [--trials 200] [--sequences 5000] [--rounds 25]
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from maintainer import runner
 from maintainer.ledger import FORECAST_POINTS
 from maintainer.pgserver import LocalCluster, available_kinds
 from maintainer.project import load_project
-from maintainer.units import parse_unit, split_statements
+from maintainer.units import Unit, parse_unit, split_statements
 
 FIT_UNIT = """---
 description: the forecast library's fit over the bench's points
@@ -154,9 +154,10 @@ def bench_cost(dsn: str, sequences: int, rounds: int) -> tuple[list[float], list
                 WITH src AS (SELECT * FROM maintainer.run WHERE id = %(id)s),
                 copies AS (
                     INSERT INTO maintainer.run (job, unit, target, item, lock_key, trigger, status, started_at,
-                                                finished_at, params)
+                                                finished_at, params, observed)
                     SELECT s.job, s.unit, s.target, s.item, s.lock_key, s.trigger, 'ok',
-                           s.started_at - h * interval '1 hour', s.finished_at - h * interval '1 hour', s.params
+                           s.started_at - h * interval '1 hour', s.finished_at - h * interval '1 hour', s.params,
+                           s.observed
                       FROM src s, generate_series(1, 168) h
                     RETURNING id)
                 INSERT INTO maintainer.finding (run_id, seq, level, data)
@@ -165,14 +166,17 @@ def bench_cost(dsn: str, sequences: int, rounds: int) -> tuple[list[float], list
             """, {"id": first.run_id})
             conn.execute("ANALYZE maintainer.run")
             conn.execute("ANALYZE maintainer.finding")
-        hidden = runner._Run._history
+        history, observations = runner._Run._history, Unit.observations
 
         def timed(forecasts: bool) -> float:
-            runner._Run._history = hidden if forecasts else (lambda self: [])  # type: ignore[method-assign]
+            # off: no earlier runs read, and nothing kept for later ones
+            if not forecasts:
+                runner._Run._history = lambda self: []  # type: ignore[method-assign]
+                Unit.observations = lambda self, findings: None  # type: ignore[method-assign]
             started = time.perf_counter()
             result = runner.run(spec)
             elapsed = time.perf_counter() - started
-            runner._Run._history = hidden  # type: ignore[method-assign]
+            runner._Run._history, Unit.observations = history, observations  # type: ignore[method-assign]
             assert result.status == "ok", result.error
             return elapsed
 
@@ -190,7 +194,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--trials", type=int, default=200)
     parser.add_argument("--sequences", type=int, default=5000)
-    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--rounds", type=int, default=25)
     args = parser.parse_args()
     kind = next(k for k in available_kinds() if k.name == "pg18-embedded")
     with LocalCluster(kind) as cluster:
@@ -210,6 +214,9 @@ def main() -> None:
         print(f"forecasts on  {m_on * 1000:.0f} ms  ({', '.join(f'{t * 1000:.0f}' for t in on)})")
         print(f"forecasts off {m_off * 1000:.0f} ms  ({', '.join(f'{t * 1000:.0f}' for t in off)})")
         print(f"added: {(m_on - m_off) * 1000:.0f} ms = {(m_on - m_off) / m_on:.1%} of the run (on/off ratio {m_on / m_off:.2f}x)")
+        # each round ran both, back to back: the median of those differences is less exposed to drift
+        paired = statistics.median(a - b for a, b in zip(on, off, strict=True))
+        print(f"paired: median of the {args.rounds} rounds' differences {paired * 1000:.0f} ms = {paired / m_on:.1%}")
 
 
 if __name__ == "__main__":

@@ -40,8 +40,8 @@ NAMES: tuple[ContextName, ...] = (
                 "missing extension fails when parsed, so a unit branches on this at render time"),
     ContextName("ledger_exists", ITEM_BLOCKS, "whether the ledger tables exist (a dry run on a new target has none)"),
     ContextName("history", ITEM_BLOCKS,
-                "for units with a `forecast_min_span` param: earlier `ok` runs of this job, target and item whose "
-                "findings a forecast reads, `[{run_id, observed_at}]` oldest first (at most one per slice of "
+                "for units with `forecast` front matter: earlier `ok` runs of this job, target and item whose "
+                "observations a forecast reads, `[{run_id, observed_at}]` oldest first (at most one per slice of "
                 "`forecast_window`, so replicas that ran together count once); `[]` without a ledger or in "
                 "other units"),
     ContextName("items", ("survey",), "each item of the job: `{index, params, item}`"),

@@ -83,6 +83,10 @@ def sections(source: Source) -> list[tuple[str, list[Panel]]]:
     seq_crit = rules.threshold(source, rules.SEQUENCE_RATIO, "critical")
     xid_warn = rules.threshold(source, rules.XID_AGE_RATIO, "warn")
     xid_crit = rules.threshold(source, rules.XID_AGE_RATIO, "critical")
+    seq_warn_days = rules.threshold(source, rules.SEQUENCE_DAYS, "warn_days", most="max")
+    seq_crit_days = rules.threshold(source, rules.SEQUENCE_DAYS, "critical_days", most="max")
+    stop_warn_days = rules.threshold(source, rules.WRAPAROUND_DAYS, "warn_days", most="max")
+    stop_crit_days = rules.threshold(source, rules.WRAPAROUND_DAYS, "critical_days", most="max")
     bloat = rules.threshold(source, rules.INDEX_BLOAT, "min_bloat")
     max_wait = source.throttle.max_wait.total_seconds()
 
@@ -116,6 +120,10 @@ def sections(source: Source) -> list[tuple[str, list[Panel]]]:
         Panel(f"Sequence range used, top {TOP}", "The tighter of the sequence's and the column type's limits "
               "(MaintainerSequenceExhaustion).", [(top(rules.SEQUENCE_RATIO), legend(rules.SEQUENCE_RATIO))],
               unit="percentunit", steps=[(seq_warn, ORANGE), (seq_crit, RED)]),
+        Panel(f"Sequence days left, fewest {TOP}", "Days until the limit at the rate measured over the forecast "
+              "window; no series without a forecast yet (MaintainerSequenceExhaustion).",
+              [(top(rules.SEQUENCE_DAYS, "bottomk"), legend(rules.SEQUENCE_DAYS))], unit="d",
+              steps=[(seq_crit_days, ORANGE), (seq_warn_days, GREEN)], low_is_bad=True),
     ]
     partitions = [
         Panel(f"Partitions ahead, fewest {TOP}", "Partitions entirely ahead of now (MaintainerPartitionsRunningOut).",
@@ -123,6 +131,10 @@ def sections(source: Source) -> list[tuple[str, list[Panel]]]:
               steps=[(1, ORANGE), (rules.PARTITIONS_WARN_BELOW, GREEN)], low_is_bad=True),
         Panel(f"Rows in DEFAULT partitions, top {TOP}", "Rows outside every range (MaintainerDefaultPartitionRows).",
               [(top(rules.DEFAULT_ROWS), legend(rules.DEFAULT_ROWS))], steps=[(1, ORANGE)]),
+        Panel(f"Partition runway, fewest {TOP}", "Days until the upper bound of the last partition ahead: how "
+              "long inserts keep working if nothing premakes more.",
+              [(top(rules.PARTITION_RUNWAY, "bottomk"), legend(rules.PARTITION_RUNWAY))], unit="d",
+              steps=[(1, ORANGE), (7, GREEN)], low_is_bad=True),
     ]
     bloat_panels = [
         Panel(f"Index bloat, top {TOP}", "Share of each index a rebuild would free (MaintainerIndexBloat).",
@@ -133,6 +145,10 @@ def sections(source: Source) -> list[tuple[str, list[Panel]]]:
               "empty table is the database's own row (MaintainerWraparound).",
               [(top(rules.XID_AGE_RATIO), legend(rules.XID_AGE_RATIO))], unit="percentunit",
               steps=[(xid_warn, ORANGE), (xid_crit, RED)]),
+        Panel(f"Days to the wraparound stop, fewest {TOP}", "At the cluster's measured transaction-ID rate; no "
+              "series without a forecast yet (MaintainerWraparound).",
+              [(top(rules.WRAPAROUND_DAYS, "bottomk"), legend(rules.WRAPAROUND_DAYS))], unit="d",
+              steps=[(stop_crit_days, ORANGE), (stop_warn_days, GREEN)], low_is_bad=True),
     ]
     pacing = [
         Panel("Share of time waiting for standbys", "Seconds per second runs waited, by what they waited for.",
@@ -142,7 +158,7 @@ def sections(source: Source) -> list[tuple[str, list[Panel]]]:
               [(f"sum by (job, target) (increase(maintainer_throttled_seconds_total{{{JOBS}}}[1h]))",
                 "{{job}} on {{target}}")], unit="s", steps=[(max_wait, ORANGE)]),
     ]
-    shown = set(rules.CONTRACT_METRICS)
+    shown = {*rules.CONTRACT_METRICS, rules.PARTITION_RUNWAY}
     declared_panels = [_declared_panel(metric) for name, metric in sorted(declared.items()) if name not in shown]
     return [
         ("Job health", jobs),

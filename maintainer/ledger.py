@@ -30,7 +30,7 @@ from maintainer.db import advisory_key, quote_ident, relation_exists
 if TYPE_CHECKING:
     from maintainer.config import Settings
 
-LEDGER_VERSION = 1
+LEDGER_VERSION = 2
 
 # Earlier runs a forecast reads at most (see `Ledger.forecast_runs`).
 FORECAST_POINTS = 6
@@ -84,6 +84,11 @@ _MIGRATIONS: dict[int, str] = {
         PRIMARY KEY (run_id, seq)
     );
     """,
+    # What a forecasting unit's run observed, `{key: value}` (see units.ForecastSpec): later runs
+    # read these few numbers instead of every finding of the runs they forecast from.
+    2: """
+    ALTER TABLE {schema}.run ADD COLUMN IF NOT EXISTS observed jsonb
+    """,
 }
 
 
@@ -102,6 +107,7 @@ class IdleRun:
     reason: str | None
     finding: dict[str, Any] | None
     level_field: str | None
+    observed: dict[str, Any] | None = None
 
 
 def _json_default(value: Any) -> Any:
@@ -233,24 +239,25 @@ class Ledger:
             [r.reason for r in runs],
             [r.finding.get(r.level_field) if r.finding and r.level_field else None for r in runs],
             [to_jsonb(r.finding) if r.finding is not None else None for r in runs],
+            [to_jsonb(r.observed) if r.observed is not None else None for r in runs],
         )
         rows = self.conn.execute(
             sql.SQL(
                 "WITH input AS MATERIALIZED ("
                 " SELECT u.*, nextval(pg_get_serial_sequence({run_table}, 'id')) AS id"
                 " FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::bigint[], %s::text[], %s::text[],"
-                " %s::text[], %s::jsonb[], %s::text[], %s::text[], %s::jsonb[]) WITH ORDINALITY"
+                " %s::text[], %s::jsonb[], %s::text[], %s::text[], %s::jsonb[], %s::jsonb[]) WITH ORDINALITY"
                 " AS u(job, unit, target, item, lock_key, trigger, triggered_by, status, params, reason, level,"
-                " finding, n)),"
+                " finding, observed, n)),"
                 " leftover AS ("
                 " UPDATE {s}.run r SET status = 'interrupted', finished_at = now(), error = %s"
                 " FROM (SELECT DISTINCT lock_key FROM input WHERE status = 'ok') i"
                 " WHERE r.lock_key = i.lock_key AND r.status = 'running'),"
                 " new_run AS ("
                 " INSERT INTO {s}.run (id, job, unit, target, item, lock_key, trigger, triggered_by, host, status,"
-                " params, error, finished_at, attempts) OVERRIDING SYSTEM VALUE"
+                " params, error, finished_at, attempts, observed) OVERRIDING SYSTEM VALUE"
                 " SELECT id, job, unit, target, item, lock_key, trigger, triggered_by, %s, status, params, reason,"
-                " now(), 1 FROM input),"
+                " now(), 1, observed FROM input),"
                 " new_finding AS ("
                 " INSERT INTO {s}.finding (run_id, seq, level, data)"
                 " SELECT id, 1, level, finding FROM input WHERE finding IS NOT NULL)"
@@ -272,6 +279,7 @@ class Ledger:
         findings: Sequence[dict[str, Any]],
         summary: dict[str, Any] | None,
         level_field: str | None,
+        observed: dict[str, Any] | None = None,
     ) -> bool:
         """Complete a run's record; False when no record `run_id` exists here (it was written on a
         server whose last commits a failover lost, or the ledger was restored from a backup)."""
@@ -285,7 +293,8 @@ class Ledger:
             sql.SQL(
                 "WITH finished AS ("
                 " UPDATE {s}.run SET status = %s, finished_at = now(), attempts = %s, sqlstate = %s,"
-                " error = %s, summary = %s WHERE id = %s AND status IN ('running', 'interrupted') RETURNING id),"
+                " error = %s, summary = %s, observed = %s WHERE id = %s AND status IN ('running', 'interrupted')"
+                " RETURNING id),"
                 " actions AS ("
                 " INSERT INTO {s}.action (run_id, seq, sql, status, rows, seconds, attempts, sqlstate)"
                 " SELECT f.id, a.seq, a.sql, a.status, a.rows, a.seconds, coalesce(a.attempts, 1), a.sqlstate"
@@ -303,6 +312,7 @@ class Ledger:
                 sqlstate,
                 error,
                 to_jsonb(summary) if summary is not None else None,
+                to_jsonb(observed) if observed is not None else None,
                 run_id,
                 to_jsonb([{"seq": i, **a} for i, a in enumerate(actions, 1)]),
                 to_jsonb(
@@ -359,19 +369,21 @@ class Ledger:
     def forecast_runs(
         self, job: str, target: str, item: str | None, *, window: timedelta, points: int = FORECAST_POINTS
     ) -> list[dict[str, Any]]:
-        """The earlier runs whose findings a forecast reads, oldest first: `[{run_id, observed_at}]`.
+        """The earlier runs whose observations a forecast reads, oldest first: `[{run_id, observed_at}]`.
 
-        Finished `ok` runs of (job, target, item) started within `window` before now. The time from
-        the oldest of them to now is cut into `points` equal slices and each slice gives its oldest
-        run: a forecast reads a bounded number of runs however often the job runs, spread over the
-        whole window (the oldest is always among them, so the rate is measured over the longest
-        span), and two daemon replicas that ran the same job moments apart count once."""
+        Finished `ok` runs of (job, target, item) that observed something (`run.observed`), started
+        within `window` before now. The time from the oldest of them to now is cut into `points`
+        equal slices and each slice gives its oldest run: a forecast reads a bounded number of runs
+        however often the job runs, spread over the whole window (the oldest is always among them,
+        so the rate is measured over the longest span), and two daemon replicas that ran the same
+        job moments apart count once."""
         rows = self.conn.execute(
             sql.SQL(
                 "WITH recent AS ("
                 " SELECT id, started_at FROM {s}.run"
                 " WHERE job = %s AND target = %s AND item IS NOT DISTINCT FROM %s AND status = 'ok'"
-                " AND finished_at IS NOT NULL AND started_at >= now() - %s::interval AND started_at < now()),"
+                " AND finished_at IS NOT NULL AND observed IS NOT NULL"
+                " AND started_at >= now() - %s::interval AND started_at < now()),"
                 " sliced AS ("
                 " SELECT r.id, r.started_at,"
                 " width_bucket(extract(epoch FROM r.started_at), b.lo, b.hi, %s) AS slice"

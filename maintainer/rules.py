@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -26,26 +26,37 @@ FAILURE_LOOKBACK = "1h"
 THROTTLE_LOOKBACK = "1h"
 
 SEQUENCE_RATIO = "maintainer_sequence_used_ratio"
+SEQUENCE_DAYS = "maintainer_sequence_days_left"
 PARTITIONS_AHEAD = "maintainer_partitions_ahead"
+PARTITION_RUNWAY = "maintainer_partition_runway_days"
 DEFAULT_ROWS = "maintainer_default_partition_rows"
 XID_AGE_RATIO = "maintainer_xid_age_ratio"
+WRAPAROUND_DAYS = "maintainer_wraparound_days_left"
 INDEX_BLOAT = "maintainer_index_bloat_ratio"
 # The unit gauges the contract alerts rest on; a unit declaring none of them gets MaintainerUnitFindings.
-CONTRACT_METRICS = (SEQUENCE_RATIO, PARTITIONS_AHEAD, DEFAULT_ROWS, XID_AGE_RATIO, INDEX_BLOAT)
+CONTRACT_METRICS = (SEQUENCE_RATIO, SEQUENCE_DAYS, PARTITIONS_AHEAD, DEFAULT_ROWS, XID_AGE_RATIO, WRAPAROUND_DAYS,
+                    INDEX_BLOAT)
 # The labels of these gauges when no loaded unit declares them (as the built-in units do).
 BUILTIN_LABELS: dict[str, tuple[str, ...]] = {
     SEQUENCE_RATIO: ("target", "sequence", "column"),
+    SEQUENCE_DAYS: ("target", "sequence", "column"),
     PARTITIONS_AHEAD: ("target", "table"),
+    PARTITION_RUNWAY: ("target", "table"),
     DEFAULT_ROWS: ("target", "table"),
     XID_AGE_RATIO: ("target", "table", "database"),
+    WRAPAROUND_DAYS: ("target", "table", "database"),
     INDEX_BLOAT: ("target", "index"),
 }
 # The built-in units' defaults, for when no loaded unit declares the gauge with that param.
 FALLBACK_THRESHOLDS: dict[tuple[str, str], float] = {
     (SEQUENCE_RATIO, "warn"): 0.60,
     (SEQUENCE_RATIO, "critical"): 0.85,
+    (SEQUENCE_DAYS, "warn_days"): 90,
+    (SEQUENCE_DAYS, "critical_days"): 30,
     (XID_AGE_RATIO, "warn"): 0.50,
     (XID_AGE_RATIO, "critical"): 0.80,
+    (WRAPAROUND_DAYS, "warn_days"): 30,
+    (WRAPAROUND_DAYS, "critical_days"): 7,
     (INDEX_BLOAT, "min_bloat"): 0.30,
 }
 # partitions.sql.j2 calls a table critical with no partition ahead and warn with fewer than two.
@@ -57,9 +68,9 @@ HEADER = """\
 #
 # The maintainer's own `job` label must survive the scrape: scrape with honor_labels: true
 # (ServiceMonitor honorLabels: true), else Prometheus renames it to exported_job.
-# Sequence, wraparound and partition alerts use the ratio and count gauges, with the thresholds the
-# units use for warn and critical; the forecast gauges (maintainer_sequence_days_left,
-# maintainer_xid_days_left, maintainer_partition_runway_days) are on the dashboard, not in these rules yet.
+# Sequence and wraparound alerts fire on the worse of two rules, as the units' levels do: how full
+# (the ratio gauges) and how soon full at the measured rate (the days gauges), each with the
+# thresholds the units use for warn and critical; the `basis` label says which rule fired.
 """
 
 
@@ -172,19 +183,19 @@ def finding_rules(source: Source) -> list[Rule]:
         return f"{aggregate} by ({', '.join(gauge_labels(source, name))}) ({name}{selector})"
 
     rules: list[Rule] = []
-    seq_warn, seq_crit = threshold(source, SEQUENCE_RATIO, "warn"), threshold(source, SEQUENCE_RATIO, "critical")
-    sequence = gauge(SEQUENCE_RATIO)
-    for severity, expr, limit in (
-        ("critical", f"{sequence} >= {_number(seq_crit)}", seq_crit),
-        ("warning", f"{sequence} >= {_number(seq_warn)} < {_number(seq_crit)}", seq_warn),
-    ):
-        rules.append(Rule(
-            "MaintainerSequenceExhaustion", expr, severity,
-            "Sequence {{ $labels.sequence }} feeding {{ $labels.column }} on {{ $labels.target }} has used "
-            f"{_percent(limit)} or more of its range",
-            "The usable range is the tighter of the sequence's and the column type's limits. Widen the column "
-            "(ALTER TABLE … TYPE bigint) or the sequence before nextval() fails.",
-        ))
+    sequence_text = "Sequence {{ $labels.sequence }} feeding {{ $labels.column }} on {{ $labels.target }}"
+    rules += ratio_or_days_rules(
+        "MaintainerSequenceExhaustion",
+        ratio=(gauge(SEQUENCE_RATIO), threshold(source, SEQUENCE_RATIO, "warn"),
+               threshold(source, SEQUENCE_RATIO, "critical")),
+        days=(gauge(SEQUENCE_DAYS, "min"), threshold(source, SEQUENCE_DAYS, "warn_days", most="max"),
+              threshold(source, SEQUENCE_DAYS, "critical_days", most="max")),
+        ratio_summary=f"{sequence_text} has used %s or more of its range",
+        days_summary=f"{sequence_text} runs out within %s days at its measured rate",
+        description="The usable range is the tighter of the sequence's and the column type's limits. Widen the "
+                    "column (ALTER TABLE … TYPE bigint) or the sequence before nextval() fails; the sequences "
+                    "finding's forecast says when at which rate.",
+    )
     ahead = gauge(PARTITIONS_AHEAD, "min")
     rules.append(Rule(
         "MaintainerPartitionsRunningOut", f"{ahead} < 1", "critical",
@@ -203,23 +214,23 @@ def finding_rules(source: Source) -> list[Rule]:
         "Rows outside every range block the partition for their range from being attached: move them into "
         "proper partitions.",
     ))
-    xid_warn, xid_crit = threshold(source, XID_AGE_RATIO, "warn"), threshold(source, XID_AGE_RATIO, "critical")
     for kind, selector, summary in (
         ("table", '{table!=""}', "Table {{ $labels.table }} in {{ $labels.database }} on {{ $labels.target }}"),
         ("database", '{table=""}', "Database {{ $labels.database }} on {{ $labels.target }}"),
     ):
-        xid = gauge(XID_AGE_RATIO, selector=selector)
-        for severity, expr, limit in (
-            ("critical", f"{xid} >= {_number(xid_crit)}", xid_crit),
-            ("warning", f"{xid} >= {_number(xid_warn)} < {_number(xid_crit)}", xid_warn),
-        ):
-            rules.append(Rule(
-                "MaintainerWraparound", expr, severity,
-                f"{summary}: transaction ID age at {_percent(limit)} or more of autovacuum_freeze_max_age",
-                f"Freezing lags behind for this {kind}; the autovacuum job's finding names the likely cause "
-                "(a long transaction, a replication slot or prepared transaction holding the xmin horizon).",
-                labels={"kind": kind},
-            ))
+        rules += ratio_or_days_rules(
+            "MaintainerWraparound",
+            ratio=(gauge(XID_AGE_RATIO, selector=selector), threshold(source, XID_AGE_RATIO, "warn"),
+                   threshold(source, XID_AGE_RATIO, "critical")),
+            days=(gauge(WRAPAROUND_DAYS, "min", selector=selector),
+                  threshold(source, WRAPAROUND_DAYS, "warn_days", most="max"),
+                  threshold(source, WRAPAROUND_DAYS, "critical_days", most="max")),
+            ratio_summary=f"{summary}: transaction ID age at %s or more of autovacuum_freeze_max_age",
+            days_summary=f"{summary} reaches the wraparound stop within %s days at the measured rate",
+            description=f"Freezing lags behind for this {kind}; the autovacuum job's finding names the likely cause "
+                        "(a long transaction, a replication slot or prepared transaction holding the xmin horizon).",
+            labels={"kind": kind},
+        )
     bloat_limit = threshold(source, INDEX_BLOAT, "min_bloat")
     bloat_for = 2 * _longest_period(source, metrics[INDEX_BLOAT].units if INDEX_BLOAT in metrics else ())
     rules.append(Rule(
@@ -232,18 +243,50 @@ def finding_rules(source: Source) -> list[Rule]:
     return rules
 
 
+def ratio_or_days_rules(
+    alert: str, *, ratio: tuple[str, float, float], days: tuple[str, float, float],
+    ratio_summary: str, days_summary: str, description: str,
+    labels: dict[str, str] | None = None,
+) -> list[Rule]:
+    """One alert per object at the worse of two rules, as the unit's level is: a ratio at or over
+    its warn / critical threshold, or days left under warn_days / critical_days. `ratio` and `days`
+    are (aggregated gauge, warn, critical), aggregated by the same labels; each summary has a `%s`
+    for its threshold (a percentage, a number of days). Critical beats warning, and the ratio rule
+    beats the days rule at the same severity, so an object is one alert; its `basis` label says
+    which rule raised it (the summaries differ)."""
+    (ratio_gauge, ratio_warn, ratio_crit), (days_gauge, days_warn, days_crit) = ratio, days
+    critical_ratio = f"{ratio_gauge} >= {_number(ratio_crit)}"
+    critical_days = f"{days_gauge} < {_number(days_crit)}"
+    warning_ratio = f"{ratio_gauge} >= {_number(ratio_warn)}"
+    warning_days = f"{days_gauge} < {_number(days_warn)}"
+    critical = f"({critical_ratio}) or ({critical_days})"
+    by_ratio, by_days = {**(labels or {}), "basis": "ratio"}, {**(labels or {}), "basis": "days"}
+    return [
+        Rule(alert, critical_ratio, "critical", ratio_summary % _percent(ratio_crit), description, labels=by_ratio),
+        Rule(alert, f"({critical_days}) unless ({critical_ratio})", "critical",
+             days_summary % _number(days_crit), description, labels=by_days),
+        Rule(alert, f"({warning_ratio}) unless ({critical})", "warning",
+             ratio_summary % _percent(ratio_warn), description, labels=by_ratio),
+        Rule(alert, f"({warning_days}) unless ({critical} or ({warning_ratio}))", "warning",
+             days_summary % _number(days_warn), description, labels=by_days),
+    ]
+
+
 def gauge_labels(source: Source, metric: str) -> tuple[str, ...]:
     """The labels of a unit gauge as its unit declares them (`target` first)."""
     declared = next((m.labels for m in source.declared_metrics() if m.name == metric), None)
     return declared or BUILTIN_LABELS[metric]
 
 
-def threshold(source: Source, metric: str, param: str) -> float:
-    """The lowest value of a unit param among the jobs of the units declaring `metric` (the units'
-    default without a configuration): warn and critical as the units decide them."""
+def threshold(source: Source, metric: str, param: str, most: Literal["min", "max"] = "min") -> float:
+    """The most sensitive value of a unit param among the jobs of the units declaring `metric` (the
+    units' default without a configuration): warn and critical as the units decide them. The lowest
+    for a ratio, the highest (`most="max"`) for days left."""
     units = next((m.units for m in source.declared_metrics() if m.name == metric), ())
     values = [float(v) for v in source.param_values(units, param) if isinstance(v, int | float)]
-    return min(values) if values else FALLBACK_THRESHOLDS[(metric, param)]
+    if not values:
+        return FALLBACK_THRESHOLDS[(metric, param)]
+    return max(values) if most == "max" else min(values)
 
 
 def unit_rules(source: Source) -> list[Rule]:

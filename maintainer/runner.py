@@ -328,6 +328,7 @@ def _settle(members: list[tuple[RunSpec, RunOptions]], found: dict[int, dict[str
                     lock_key=key, trigger=opts.trigger, params=json_safe(_loggable(spec.params)),
                     status=settled[index].status, reason=reason, finding=found[index] if not reason else None,
                     level_field=spec.unit.level_field,
+                    observed=spec.unit.observations([found[index]]) if not reason else None,
                 ))
             for index, run_id in zip(indexes, ledger.record_idle_runs(records), strict=True):
                 settled[index].run_id = run_id
@@ -571,9 +572,9 @@ class _Run:
         )
 
     def _history(self) -> list[dict[str, Any]]:
-        """A forecasting unit's (one with a `forecast_min_span` param) earlier runs: one ledger query
-        per run, read on the work connection so that a dry run sees them too and writes nothing."""
-        if "forecast_min_span" not in self.unit.meta.params:
+        """A forecasting unit's (one with `forecast` front matter) earlier runs: one ledger query per
+        run, read on the work connection so that a dry run sees them too and writes nothing."""
+        if self.unit.meta.forecast is None:
             return []
         window = self.spec.params.get("forecast_window")
         assert self.conn is not None
@@ -982,6 +983,7 @@ class _Run:
                 findings=self.result.findings,
                 summary=summary,
                 level_field=self.unit.level_field,
+                observed=self.unit.observations(self.result.findings) if self.result.status == "ok" else None,
             )
 
         try:

@@ -11,9 +11,10 @@ import functools
 import math
 import re
 import string
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
+from decimal import Decimal
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -140,6 +141,18 @@ class AlertSpec(BaseModel):
     message: str | None = None
 
 
+class ForecastSpec(BaseModel):
+    """`forecast: {value: <field>, key: <field>}`: the counter a forecast follows. At the end of each
+    run the runner keeps each finding's `value` under its `key` (the largest, when several findings
+    share a key; one counter per run without a `key`) in the run's ledger record, so a later run
+    reads a few numbers per earlier run instead of its findings (`observed` in lib/forecast.sql.j2)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    value: str
+    key: str | None = None
+
+
 class FrontMatter(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -167,6 +180,7 @@ class FrontMatter(BaseModel):
     display: list[str] | None = None
     metrics: dict[str, MetricSpec] = Field(default_factory=dict)
     alerts: AlertSpec | None = None
+    forecast: ForecastSpec | None = None
 
     @model_validator(mode="after")
     def _metric_names(self) -> FrontMatter:
@@ -219,7 +233,30 @@ class Unit:
             named["alerts"] = [self.meta.alerts.level, *self.meta.alerts.key, *in_message]
         if self.meta.display:
             named["display"] = list(self.meta.display)
+        if self.meta.forecast is not None:
+            named["forecast"] = [self.meta.forecast.value, *filter(None, [self.meta.forecast.key])]
         return named
+
+    def observations(self, findings: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
+        """What a run observed for later forecasts (see `ForecastSpec`): `{key: value}`, or None when
+        the unit forecasts nothing or no finding carries a value."""
+        spec = self.meta.forecast
+        if spec is None:
+            return None
+        observed: dict[str, Any] = {}
+        for finding in findings:
+            value = finding.get(spec.value)
+            # a number JSON can carry (no NaN or infinity), or nothing to observe
+            if isinstance(value, bool) or not isinstance(value, int | float | Decimal) or not math.isfinite(value):
+                continue
+            if spec.key is None:
+                key = ""
+            elif finding.get(spec.key) is None:
+                continue
+            else:
+                key = str(finding[spec.key])
+            observed[key] = max(observed.get(key, value), value)
+        return observed or None
 
     def validate_params(self, values: Mapping[str, Any], where: str) -> dict[str, Any]:
         """Typed params with defaults applied; raises `UnitError` naming `where` and the key."""

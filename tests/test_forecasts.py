@@ -259,3 +259,54 @@ def test_runway_days_of_an_integer_key_at_a_known_pace(workspace: Workspace, db:
     upper = 1000000 * (last["partitions_ahead"] + 1)
     truth = (upper - last["max_key"]) / pacer.rate_per_day
     assert last["runway_days"] == pytest.approx(truth, rel=0.10)
+
+
+# -- a user unit ----------------------------------------------------------------------------------
+
+COUNTER_UNIT = """\
+---
+description: how fast a counter kept in a table grows
+params:
+  forecast_min_span: {type: duration, default: 2s}
+  forecast_window: {type: duration, default: 1h}
+forecast: {value: n}
+---
+{% from "lib/forecast.sql.j2" import observed, fit %}
+{% block discover %}
+WITH points AS (
+    SELECT 0 AS key, o.at, o.v FROM ({{ observed(history, state_schema) }}) o
+    UNION ALL
+    SELECT 0, now(), c.n FROM fc.counter c
+),
+rate AS ({{ fit('points', params.forecast_min_span) }})
+SELECT c.n, r.rate_per_day, r.forecast_note FROM fc.counter c LEFT JOIN rate r ON true
+{% endblock %}
+"""
+
+
+def test_a_user_unit_forecasts_its_own_counter_through_the_ledger(workspace: Workspace, db: Database) -> None:
+    db.run_script("CREATE SCHEMA fc; CREATE TABLE fc.counter (n bigint); INSERT INTO fc.counter VALUES (0);")
+    workspace.unit("counter", COUNTER_UNIT)
+    workspace.job("counter", unit="counter")
+    with Pacer(db, "UPDATE fc.counter SET n = n + %(n)s", per_second=500) as pacer:
+        history = runs_apart(workspace, "counter", 3, gap=1.5)
+    assert history[0][0]["rate_per_day"] is None and "no earlier observation" in history[0][0]["forecast_note"]
+    assert history[-1][0]["rate_per_day"] == pytest.approx(pacer.rate_per_day, rel=0.10)
+    # each run keeps the one number its forecast needs, not a copy of its findings
+    observed = [row[0] for row in db.execute("SELECT observed FROM maintainer.run ORDER BY id")]
+    assert observed == [{"": run[0]["n"]} for run in history]
+
+
+def test_a_ledger_from_before_observations_is_upgraded_and_forecasts_start_from_there(
+    orders: Workspace, db: Database
+) -> None:
+    run_job(orders, "sequences")
+    # the ledger as the previous version left it: no `observed` column
+    db.run_script("ALTER TABLE maintainer.run DROP COLUMN observed;"
+                  " DELETE FROM maintainer.schema_version WHERE version = 2;")
+    with Pacer(db, CONSUME, per_second=2000) as pacer:
+        history = runs_apart(orders, "sequences", 3, gap=1.5)
+    # the runs of the old ledger observed nothing a forecast can read: the rate starts with the upgrade
+    assert "no earlier observation" in orders_finding(history[0])["forecast_note"]
+    assert orders_finding(history[-1])["rate_per_day"] == pytest.approx(pacer.rate_per_day, rel=0.10)
+    assert db.execute("SELECT max(version) FROM maintainer.schema_version")[0][0] == 2

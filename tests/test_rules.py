@@ -143,9 +143,10 @@ def nothing(metrics: Metrics, units: dict[str, Unit]) -> None:
     pass
 
 
-def sequence(name: str, ratio: float, level: str) -> dict[str, Any]:
-    return {"sequence": f"public.{name}_id_seq", "column": f"public.{name}.id", "used_ratio": ratio,
-            "calls_left": 1000, "limited_by": "column", "level": level}
+def sequence(name: str, ratio: float, level: str, days: float | None = None) -> dict[str, Any]:
+    finding = {"sequence": f"public.{name}_id_seq", "column": f"public.{name}.id", "used_ratio": ratio,
+               "calls_left": 1000, "limited_by": "column", "level": level}
+    return finding if days is None else {**finding, "days_left": days}
 
 
 def partitioned(table: str, ahead: int, default_rows: int, level: str) -> dict[str, Any]:
@@ -153,9 +154,10 @@ def partitioned(table: str, ahead: int, default_rows: int, level: str) -> dict[s
             "level": level}
 
 
-def xid(table: str | None, ratio: float, level: str) -> dict[str, Any]:
-    return {"kind": "table" if table else "database", "object": table or "app", "table": table, "database": "app",
-            "xid_age_ratio": ratio, "mxid_age_ratio": 0.01, "cause": None, "level": level}
+def xid(table: str | None, ratio: float, level: str, stop_days: float | None = None) -> dict[str, Any]:
+    finding = {"kind": "table" if table else "database", "object": table or "app", "table": table,
+               "database": "app", "xid_age_ratio": ratio, "mxid_age_ratio": 0.01, "cause": None, "level": level}
+    return finding if stop_days is None else {**finding, "wraparound_days_left": stop_days}
 
 
 def index(name: str, bloat: float) -> dict[str, Any]:
@@ -200,10 +202,28 @@ CASES = [
          Timeline([(0, observe(run("sequences", "sequences", 0, findings=[
              sequence("orders", 0.91, "critical"), sequence("events", 0.7, "warn"), sequence("users", 0.1, "ok")])))],
              end=30),
-         [{"target": "app", "sequence": "public.orders_id_seq", "column": "public.orders.id", "severity": "critical"},
-          {"target": "app", "sequence": "public.events_id_seq", "column": "public.events.id", "severity": "warning"}],
+         [{"target": "app", "sequence": "public.orders_id_seq", "column": "public.orders.id", "severity": "critical",
+           "basis": "ratio"},
+          {"target": "app", "sequence": "public.events_id_seq", "column": "public.events.id", "severity": "warning",
+           "basis": "ratio"}],
          [Timeline([(0, observe(run("sequences", "sequences", 0, findings=[sequence("orders", 0.3, "ok")])))],
                    end=30)]),
+    # the days rule: nearly empty but running out soon, and the worse of the two rules wins
+    Case("MaintainerSequenceExhaustion",
+         Timeline([(0, observe(run("sequences", "sequences", 0, findings=[
+             sequence("payments", 0.1, "critical", days=12), sequence("refunds", 0.2, "warn", days=60),
+             sequence("events", 0.7, "critical", days=20), sequence("orders", 0.9, "critical", days=400),
+             sequence("users", 0.1, "ok", days=4000), sequence("notes", 0.1, "ok")])))], end=30),
+         [{"target": "app", "sequence": "public.payments_id_seq", "column": "public.payments.id",
+           "severity": "critical", "basis": "days"},
+          {"target": "app", "sequence": "public.refunds_id_seq", "column": "public.refunds.id",
+           "severity": "warning", "basis": "days"},
+          {"target": "app", "sequence": "public.events_id_seq", "column": "public.events.id",
+           "severity": "critical", "basis": "days"},
+          {"target": "app", "sequence": "public.orders_id_seq", "column": "public.orders.id",
+           "severity": "critical", "basis": "ratio"}],
+         [Timeline([(0, observe(run("sequences", "sequences", 0, findings=[
+             sequence("orders", 0.3, "ok", days=400), sequence("users", 0.1, "ok", days=4000)])))], end=30)]),
     Case("MaintainerPartitionsRunningOut",
          Timeline([(0, observe(run("partitions", "partitions", 0, findings=[
              partitioned("public.events", 0, 0, "critical"), partitioned("public.metrics", 1, 0, "warn")])))], end=30),
@@ -221,10 +241,21 @@ CASES = [
          Timeline([(0, observe(run("autovacuum", "autovacuum", 0, findings=[
              xid("public.events", 0.85, "critical"), xid(None, 0.6, "warn"), xid("public.users", 0.1, "ok")])))],
              end=30),
-         [{"target": "app", "table": "public.events", "database": "app", "kind": "table", "severity": "critical"},
-          {"target": "app", "database": "app", "kind": "database", "severity": "warning"}],
+         [{"target": "app", "table": "public.events", "database": "app", "kind": "table", "severity": "critical",
+           "basis": "ratio"},
+          {"target": "app", "database": "app", "kind": "database", "severity": "warning", "basis": "ratio"}],
          [Timeline([(0, observe(run("autovacuum", "autovacuum", 0, findings=[
              xid("public.events", 0.2, "ok"), xid(None, 0.3, "ok")])))], end=30)]),
+    # the days rule: a young age burnt fast reaches the stop first
+    Case("MaintainerWraparound",
+         Timeline([(0, observe(run("autovacuum", "autovacuum", 0, findings=[
+             xid("public.events", 0.3, "critical", stop_days=5), xid(None, 0.3, "warn", stop_days=20),
+             xid("public.users", 0.1, "ok", stop_days=300)])))], end=30),
+         [{"target": "app", "table": "public.events", "database": "app", "kind": "table", "severity": "critical",
+           "basis": "days"},
+          {"target": "app", "database": "app", "kind": "database", "severity": "warning", "basis": "days"}],
+         [Timeline([(0, observe(run("autovacuum", "autovacuum", 0, findings=[
+             xid("public.events", 0.2, "ok", stop_days=300), xid(None, 0.3, "ok", stop_days=90)])))], end=30)]),
     Case("MaintainerIndexBloat",
          Timeline([(0, observe(run("reindex", "reindex", 0, findings=[index("public.events_pkey", 0.6)])))],
                   end=2 * DAY + 10),
@@ -487,9 +518,10 @@ def test_config_derives_windows_thresholds_and_unit_alerts(
         Case("MaintainerWraparound",
              Timeline([(0, observe(run("nightly-vacuum", "autovacuum", 0, findings=[
                  xid("public.events", 0.45, "warn"), xid("public.orders", 0.75, "critical")])))], end=10),
-             [{"target": "app", "table": "public.events", "database": "app", "kind": "table", "severity": "warning"},
+             [{"target": "app", "table": "public.events", "database": "app", "kind": "table", "severity": "warning",
+               "basis": "ratio"},
               {"target": "app", "table": "public.orders", "database": "app", "kind": "table",
-               "severity": "critical"}],
+               "severity": "critical", "basis": "ratio"}],
              [Timeline([(0, observe(run("nightly-vacuum", "autovacuum", 0, findings=[
                  xid("public.events", 0.35, "ok")])))], end=10)]),
         # a user unit's critical findings
