@@ -33,6 +33,7 @@ from sentry_sdk.integrations.logging import LoggingIntegration
 from sentry_sdk.utils import BadDsn, Dsn
 
 from maintainer.config import ConfigError, Job, Settings, Window
+from maintainer.cron import expand_alias, expand_field
 from maintainer.db import redact_dsn
 from maintainer.project import item_label
 from maintainer.results import LEVEL_RANK, RunResult
@@ -151,16 +152,6 @@ def monitor_config(job: Job, settings: Settings) -> MonitorConfig | None:
     return config
 
 
-_ALIASES = {
-    "@yearly": "0 0 1 1 *", "@annually": "0 0 1 1 *", "@monthly": "0 0 1 * *", "@weekly": "0 0 * * 0",
-    "@daily": "0 0 * * *", "@midnight": "0 0 * * *", "@hourly": "0 * * * *",
-}
-
-
-def expand_alias(expression: str) -> str:
-    return _ALIASES.get(expression.strip(), " ".join(expression.split()))
-
-
 def _within_window(crontab: str, window: Window) -> str | None:
     """Restrict the hour field to the window, so skipped ticks are not reported as missed.
 
@@ -180,25 +171,6 @@ def _within_window(crontab: str, window: Window) -> str | None:
         return None
     fields[1] = ",".join(map(str, hours))
     return " ".join(fields)
-
-
-def expand_field(field: str, low: int, high: int) -> set[int]:
-    """The numbers a numeric cron field matches (`*`, `a-b`, `*/n`, `a-b/n`, lists)."""
-    values: set[int] = set()
-    for part in field.split(","):
-        body, slash, step_text = part.partition("/")
-        step = int(step_text) if slash else 1
-        if body == "*":
-            first, last = low, high
-        elif "-" in body:
-            first, last = (int(x) for x in body.split("-", 1))
-        else:
-            first = int(body)
-            last = high if slash else first
-        if step < 1 or not low <= first <= last <= high:
-            raise ValueError(f"cannot expand cron field {field!r}")
-        values.update(range(first, last + 1, step))
-    return values
 
 
 class CheckIn:

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from apscheduler.triggers.cron import CronTrigger
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -28,7 +27,9 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, SettingsError
 
+from maintainer.cron import cron_trigger
 from maintainer.db import TargetUnavailable, dsn_problem
+from maintainer.errors import MaintainerError
 from maintainer.values import format_duration, parse_duration, parse_size, practical_duration
 
 Duration = Annotated[timedelta, BeforeValidator(parse_duration), AfterValidator(practical_duration)]
@@ -58,7 +59,7 @@ def _guc_timeout(value: timedelta | None) -> timedelta | None:
 GucTimeout = Annotated[timedelta, BeforeValidator(parse_duration), AfterValidator(_guc_timeout)]
 
 
-class ConfigError(Exception):
+class ConfigError(MaintainerError):
     """Invalid configuration; `problems` are one-line messages naming file and key."""
 
     def __init__(self, problems: list[str]) -> None:
@@ -223,66 +224,6 @@ class Settings(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         # The YAML file arrives as init kwargs; the environment must override it, not the reverse.
         return env_settings, init_settings
-
-
-_CRON_ALIASES = {
-    "@yearly": "0 0 1 1 *",
-    "@annually": "0 0 1 1 *",
-    "@monthly": "0 0 1 * *",
-    "@weekly": "0 0 * * 0",
-    "@daily": "0 0 * * *",
-    "@midnight": "0 0 * * *",
-    "@hourly": "0 * * * *",
-}
-
-
-def cron_trigger(expression: str, jitter: int | None = None) -> CronTrigger:
-    """An APScheduler trigger for a 5-field UTC cron expression or an @alias."""
-    crontab = _CRON_ALIASES.get(expression.strip(), expression).split()
-    if len(crontab) != 5:
-        raise ValueError("expected 5 fields: minute hour day-of-month month day-of-week")
-    minute, hour, day, month, day_of_week = crontab
-    return CronTrigger(
-        minute=minute, hour=hour, day=day, month=month, day_of_week=cron_weekdays(day_of_week), timezone="UTC",
-        jitter=jitter,
-    )
-
-
-_WEEKDAYS = ("sun", "mon", "tue", "wed", "thu", "fri", "sat")
-
-
-def cron_weekdays(field: str) -> str:
-    """A cron day-of-week field as APScheduler 3 day names.
-
-    Cron counts from Sunday (0, and 7 again); APScheduler 3 counts from Monday, so a literal `0`
-    would fire on Mondays and `1-5` on Tuesday to Saturday. Expanding to names removes the doubt.
-    """
-    if field == "*":
-        return field
-    days: set[int] = set()
-    for part in field.lower().split(","):
-        body, slash, step_text = part.partition("/")
-        step = int(step_text) if slash else 1
-        if body == "*":
-            low, high = 0, 6
-        elif "-" in body:
-            first, last = body.split("-", 1)
-            low, high = _weekday(first), _weekday(last)
-        else:
-            low = _weekday(body)
-            high = 7 if slash else low
-        if step < 1 or low > high:
-            raise ValueError(f"day-of-week {part!r} is not a valid range")
-        days.update(day % 7 for day in range(low, high + 1, step))
-    return ",".join(_WEEKDAYS[day] for day in sorted(days))
-
-
-def _weekday(text: str) -> int:
-    if text in _WEEKDAYS:
-        return _WEEKDAYS.index(text)
-    if text.isdigit() and int(text) <= 7:
-        return int(text)
-    raise ValueError(f"day-of-week {text!r} must be 0-7 or sun..sat")
 
 
 class Window(Strict):

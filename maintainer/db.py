@@ -14,19 +14,36 @@ from datetime import timedelta
 from typing import Any
 
 import psycopg
-from psycopg import sql
+from psycopg import errors, sql
 from psycopg.rows import dict_row
 
+from maintainer.errors import MaintainerError
 from maintainer.values import format_duration
 
 APPLICATION_NAME = "pg-maintainer"
 
 # Lock not available (lock_timeout), deadlock, serialization failure: the same statement may well
 # succeed a moment later. Connection-class errors (08xxx) and an administrator's shutdown too.
-TRANSIENT_SQLSTATES = {"55P03", "40P01", "40001", "57P01", "57P02", "57P03"}
+# Worth retrying: the statement lost a race or the server went away, and the same statement may
+# well succeed a moment later. Class 08 (connection exceptions) are all of these too.
+TRANSIENT_ERRORS: tuple[type[psycopg.Error], ...] = (
+    errors.LockNotAvailable,  # 55P03: lock_timeout
+    errors.DeadlockDetected,  # 40P01
+    errors.SerializationFailure,  # 40001
+    errors.AdminShutdown,  # 57P01: terminated, or a fast shutdown
+    errors.CrashShutdown,  # 57P02
+    errors.CannotConnectNow,  # 57P03: starting up, recovering
+    errors.ConnectionException,  # 08000
+    errors.SqlclientUnableToEstablishSqlconnection,  # 08001
+    errors.ConnectionDoesNotExist,  # 08003
+    errors.SqlserverRejectedEstablishmentOfSqlconnection,  # 08004
+    errors.ConnectionFailure,  # 08006
+    errors.TransactionResolutionUnknown,  # 08007
+    errors.ProtocolViolation,  # 08P01
+)
 
 
-class TargetUnavailable(Exception):
+class TargetUnavailable(MaintainerError):
     """The target database cannot be reached; the message carries no credentials."""
 
 
@@ -215,11 +232,10 @@ def sqlstate_of(exc: BaseException) -> str | None:
 
 def is_transient(exc: BaseException) -> bool:
     """Worth retrying: lock timeouts, deadlocks, serialization failures and lost connections."""
-    state = sqlstate_of(exc)
-    if state in TRANSIENT_SQLSTATES or (state or "").startswith("08"):
+    if isinstance(exc, TRANSIENT_ERRORS):
         return True
     # A dropped connection surfaces as OperationalError without a SQLSTATE.
-    return isinstance(exc, psycopg.OperationalError) and state is None
+    return isinstance(exc, psycopg.OperationalError) and sqlstate_of(exc) is None
 
 
 # SQLSTATE classes whose primary messages (PostgreSQL's own) name objects (relations, columns,

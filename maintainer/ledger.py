@@ -366,6 +366,49 @@ class Ledger:
         ).fetchall()
         return {(r["job"], r["target"]): dict(r) for r in rows}
 
+    def ran_since(self, job: str, target: str, item: str | None, since: datetime) -> bool:
+        """Whether a scheduled run of (job, target, item) started at or after `since` (skipped
+        ones do not count)."""
+        row = self.conn.execute(
+            sql.SQL(
+                "SELECT EXISTS (SELECT 1 FROM {}.run WHERE job = %s AND target = %s AND item IS NOT DISTINCT FROM %s"
+                " AND trigger = 'schedule' AND status <> 'skipped' AND started_at >= %s) AS ran"
+            ).format(self._s),
+            (job, target, item, since),
+        ).fetchone()
+        return bool(row and row["ran"])
+
+    def latest_findings(self) -> list[dict[str, Any]]:
+        """The newest completed run with findings of every (job, target, item):
+        `{job, unit, target, item, status, finished_at, findings}`, findings in order.
+
+        A failed run counts when it still recorded findings (a step failed, the report ran); one that
+        failed before discovering anything leaves the previous findings in place."""
+        if not relation_exists(self.conn, self.schema, "finding"):
+            return []
+        rows = self.conn.execute(
+            sql.SQL(
+                """
+                WITH latest AS (
+                    SELECT DISTINCT ON (r.job, r.target, r.item) r.id, r.job, r.unit, r.target, r.item, r.status,
+                           r.finished_at
+                      FROM {s}.run r
+                     WHERE r.finished_at IS NOT NULL
+                       AND (r.status = 'ok'
+                            OR (r.status = 'failed' AND EXISTS (SELECT 1 FROM {s}.finding f WHERE f.run_id = r.id)))
+                     ORDER BY r.job, r.target, r.item, r.started_at DESC, r.id DESC
+                )
+                SELECT l.job, l.unit, l.target, l.item, l.status, l.finished_at,
+                       coalesce(json_agg(f.data ORDER BY f.seq) FILTER (WHERE f.run_id IS NOT NULL), '[]') AS findings
+                  FROM latest l
+                  LEFT JOIN {s}.finding f ON f.run_id = l.id
+                 GROUP BY l.id, l.job, l.unit, l.target, l.item, l.status, l.finished_at
+                 ORDER BY l.job, l.target, l.item
+                """
+            ).format(s=self._s)
+        ).fetchall()
+        return [dict(r) for r in rows]
+
     def forecast_runs(
         self, job: str, target: str, item: str | None, *, window: timedelta, points: int = FORECAST_POINTS
     ) -> list[dict[str, Any]]:

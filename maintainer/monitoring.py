@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from maintainer.config import Job, Settings, Throttle, cron_trigger
+from maintainer.config import Job, Settings, Throttle
+from maintainer.cron import cron_trigger
 from maintainer.project import load_project
 from maintainer.units import Unit, load_units
 

@@ -15,7 +15,7 @@ from rich.syntax import Syntax
 from rich.table import Table
 from rich.text import Text
 
-from maintainer.config import cron_trigger
+from maintainer.cron import cron_trigger
 from maintainer.ledger import each_ledger
 from maintainer.project import item_label
 from maintainer.results import LEVEL_RANK, LEVEL_STYLE, RunResult, json_safe

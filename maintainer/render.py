@@ -31,10 +31,11 @@ from jinja2.runtime import Context, Macro
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from psycopg import sql
 
+from maintainer.errors import MaintainerError
 from maintainer.values import QualifiedName
 
 
-class RenderError(Exception):
+class RenderError(MaintainerError):
     """A unit could not be rendered into safe SQL."""
 
 

@@ -16,14 +16,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
-from psycopg import sql
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
 from maintainer import db
 from maintainer.alerts import finding_message
-from maintainer.ledger import each_ledger
+from maintainer.ledger import Ledger, each_ledger
 from maintainer.project import Project, item_label
 from maintainer.results import LEVEL_RANK, LEVEL_STYLE, RunResult, json_safe
 from maintainer.units import Unit
@@ -46,30 +45,7 @@ def latest_runs(conn: psycopg.Connection[Any], schema: str) -> list[LatestRun]:
     A failed run counts when it still recorded findings (a step failed, the report ran); one that
     failed before discovering anything leaves the previous findings in place.
     """
-    s = sql.Identifier(schema)
-    if not db.relation_exists(conn, schema, "finding"):
-        return []
-    rows = conn.execute(
-        sql.SQL(
-            """
-            WITH latest AS (
-                SELECT DISTINCT ON (r.job, r.target, r.item) r.id, r.job, r.unit, r.target, r.item, r.status,
-                       r.finished_at
-                  FROM {s}.run r
-                 WHERE r.finished_at IS NOT NULL
-                   AND (r.status = 'ok'
-                        OR (r.status = 'failed' AND EXISTS (SELECT 1 FROM {s}.finding f WHERE f.run_id = r.id)))
-                 ORDER BY r.job, r.target, r.item, r.started_at DESC, r.id DESC
-            )
-            SELECT l.job, l.unit, l.target, l.item, l.status, l.finished_at,
-                   coalesce(json_agg(f.data ORDER BY f.seq) FILTER (WHERE f.run_id IS NOT NULL), '[]') AS findings
-              FROM latest l
-              LEFT JOIN {s}.finding f ON f.run_id = l.id
-             GROUP BY l.id, l.job, l.unit, l.target, l.item, l.status, l.finished_at
-             ORDER BY l.job, l.target, l.item
-            """
-        ).format(s=s)
-    ).fetchall()
+    rows = Ledger(conn, schema).latest_findings()
     return [
         LatestRun(
             r["job"],

@@ -26,6 +26,7 @@ from psycopg.rows import dict_row
 
 from maintainer import context as render_context
 from maintainer import db, pooler
+from maintainer.errors import MaintainerError
 from maintainer.ledger import IdleRun, Ledger
 from maintainer.pacing import Pacer, Throttled
 from maintainer.project import RunSpec
@@ -385,7 +386,7 @@ def survey_items(specs: list[RunSpec], options: RunOptions) -> dict[int, dict[st
     return found
 
 
-class RunFailed(Exception):
+class RunFailed(MaintainerError):
     def __init__(self, message: str, sqlstate: str | None = None) -> None:
         super().__init__(message)
         self.sqlstate = sqlstate

@@ -39,12 +39,12 @@ import psycopg
 import sentry_sdk
 from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.background import BackgroundScheduler
-from psycopg import sql
 
 from maintainer import alerts as sentry
 from maintainer import db, logs, pooler
 from maintainer.alerts import Alerts, CheckIn
-from maintainer.config import ConfigError, Job, cron_trigger
+from maintainer.config import ConfigError, Job
+from maintainer.cron import cron_trigger
 from maintainer.httpserver import HttpServer, TriggerRejected
 from maintainer.ledger import Ledger
 from maintainer.metrics import Metrics
@@ -104,15 +104,9 @@ def last_tick(schedule: str, moment: dt.datetime) -> dt.datetime:
 
 
 def ran_since(ledger: Ledger, spec: RunSpec, since: dt.datetime) -> bool:
-    """Whether a scheduled run of this (job, target, item) already started at or after `since`."""
-    row = ledger.conn.execute(
-        sql.SQL(
-            "SELECT EXISTS (SELECT 1 FROM {}.run WHERE job = %s AND target = %s AND item IS NOT DISTINCT FROM %s"
-            " AND trigger = 'schedule' AND status <> 'skipped' AND started_at >= %s) AS ran"
-        ).format(sql.Identifier(ledger.schema)),
-        (spec.job.name, spec.target_name, spec.item_label, since - CLOCK_SKEW),
-    ).fetchone()
-    return bool(row and row["ran"])
+    """Whether a scheduled run of this (job, target, item) already started at or after `since`
+    (give or take the clock skew between replicas)."""
+    return ledger.ran_since(spec.job.name, spec.target_name, spec.item_label, since - CLOCK_SKEW)
 
 
 class Daemon:

@@ -35,6 +35,7 @@ from pglast import parser as pg_parser
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from maintainer.config import describe_validation_error, structure_problems
+from maintainer.errors import MaintainerError
 from maintainer.render import RenderError, TrustedSql, make_environment, render_with_binds
 from maintainer.values import (
     PRACTICAL_MAX_DURATION,
@@ -64,7 +65,7 @@ ParamType = Literal[
 ]
 
 
-class UnitError(Exception):
+class UnitError(MaintainerError):
     """A unit file that cannot be used; the message names the file (and line when known)."""
 
 

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import yaml
 
-from maintainer.config import cron_trigger, cron_weekdays
+from maintainer.cron import cron_trigger, cron_weekdays
 from maintainer.scheduler import last_tick
 from tests.conftest import Database, Workspace
 
