@@ -56,8 +56,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from maintainer.pgserver import LocalCluster, embedded_kind  # noqa: E402
-from maintainer.runner import render_select  # noqa: E402
-from maintainer.units import parse_unit  # noqa: E402
+from maintainer.units import parse_unit, render_select  # noqa: E402
 
 # shape name -> index definition on the corpus table (columns below)
 SHAPES: dict[str, str] = {

@@ -48,9 +48,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from maintainer.ledger import Ledger
 from maintainer.pgserver import LocalCluster, system15_kind
 from maintainer.project import RunSpec, load_project
-from maintainer.runner import RunOptions, Session, render_select, run_all, survey_items
+from maintainer.runner import RunOptions, run_all
 from maintainer.scheduler import ran_since
-from maintainer.units import builtin_templates_dir, parse_unit
+from maintainer.session import Session
+from maintainer.survey import survey_items
+from maintainer.units import builtin_templates_dir, parse_unit, render_select
 
 PARTMAN_CONTROL = Path("/usr/share/postgresql/15/extension/pg_partman.control")
 

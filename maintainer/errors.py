@@ -11,3 +11,9 @@ from __future__ import annotations
 
 class MaintainerError(Exception):
     """An expected failure, described for the operator in its message."""
+
+
+class RunFailed(MaintainerError):
+    def __init__(self, message: str, sqlstate: str | None = None) -> None:
+        super().__init__(message)
+        self.sqlstate = sqlstate

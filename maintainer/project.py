@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -156,3 +158,8 @@ def load_project(explicit_path: str | None = None) -> Project:
     if problems:
         raise ConfigError(problems)
     return project
+
+
+def loggable_params(params: Mapping[str, Any]) -> dict[str, Any]:
+    """Params as recorded in the ledger: job-file configuration only (never `--arg` values)."""
+    return {k: (str(v) if isinstance(v, QualifiedName | dt.timedelta) else v) for k, v in params.items()}

@@ -14,7 +14,6 @@ import dataclasses
 import datetime as dt
 import functools
 import logging
-import random
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -26,20 +25,27 @@ from psycopg.rows import dict_row
 
 from maintainer import context as render_context
 from maintainer import db, pooler
-from maintainer.errors import MaintainerError
-from maintainer.ledger import IdleRun, Ledger
+from maintainer.errors import RunFailed
+from maintainer.ledger import Ledger
 from maintainer.pacing import Pacer, Throttled
-from maintainer.project import RunSpec
+from maintainer.project import RunSpec, loggable_params
 from maintainer.render import ArgValue, RenderError
-from maintainer.results import Action, RunResult, Status, json_safe
-from maintainer.units import Statement, Unit, UnitError, split_statements, transaction_blocks
+from maintainer.results import Action, RunResult, json_safe
+from maintainer.session import Session, retry_delay, timeouts_of
+from maintainer.survey import LOCK_HELD, Surveyed, settle, survey_items
+from maintainer.units import (
+    Statement,
+    UnitError,
+    render_select,
+    render_statements,
+    transaction_blocks,
+)
 from maintainer.values import QualifiedName
 
 log = logging.getLogger("maintainer")
 
 T = TypeVar("T")
 
-LOCK_HELD = "another runner holds the lock for this job, target and item"
 DEFAULT_FORECAST_WINDOW = dt.timedelta(days=7)  # for a unit that has no `forecast_window` param
 
 
@@ -77,187 +83,6 @@ class RunOptions:
     on_wait: Callable[[str | None], None] | None = None
 
 
-@dataclass
-class Surveyed:
-    """An item the survey vouched for, already locked, checked and recorded by `run_all` in one batch
-    with the rest of its job: its run only reports this."""
-
-    finding: dict[str, Any]
-    status: Status = "planned"  # ok | skipped | planned (dry run)
-    reason: str | None = None
-    run_id: int | None = None
-
-
-class Session:
-    """Connections shared by consecutive runs on one target, e.g. the items of a job.
-
-    Isolation stays per run — each (job, target, item) takes its own advisory lock, runs its own
-    transactions and writes its own ledger record — but the items stop paying for two new backends,
-    cold catalog caches and a ledger schema check each. Session settings a unit changed are reset
-    between runs (`RESET ALL`), and a connection that broke is replaced by the next run. Both
-    connections (work and ledger), new ones and replacements alike, are refused when they go
-    through a pooler (`connect_retrying`), before anything runs on them.
-    """
-
-    def __init__(self) -> None:
-        self.conninfo: str | None = None
-        self.conn: psycopg.Connection[Any] | None = None
-        self.ledger_conn: psycopg.Connection[Any] | None = None
-        self.ledger_ready = False
-        self.purged = False
-        # The work connection last seen on a primary: a server leaves recovery (promotion) but never
-        # enters it while a connection lives, so one check per connection is enough.
-        self.on_primary: psycopg.Connection[Any] | None = None
-
-    @staticmethod
-    def usable(conn: psycopg.Connection[Any] | None) -> bool:
-        return conn is not None and not conn.closed and not conn.broken
-
-    def close(self) -> None:
-        for conn in (self.conn, self.ledger_conn):
-            if conn is not None and not conn.closed:
-                conn.close()
-        self.conn = self.ledger_conn = None
-
-    def __enter__(self) -> Session:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def ledger(self, spec: RunSpec) -> Ledger:
-        """The ledger of `spec`'s target on the session's second connection (schema checked once).
-
-        A connection that broke (the server restarted, failed over, or dropped it) is replaced here,
-        with the same patience as the work connection's: a record must not be lost because the
-        ledger's connection died while the work went on over a new one."""
-        if not Session.usable(self.ledger_conn):
-            self.ledger_conn = connect_retrying(
-                _conninfo_of(spec), spec, application_name="pg-maintainer ledger",
-                reconnecting=self.ledger_conn is not None,
-            )
-            self.ledger_ready = False
-        assert self.ledger_conn is not None
-        ledger = Ledger(self.ledger_conn, spec.settings.state_schema)
-        if not self.ledger_ready:
-            ledger.ensure()
-            self.ledger_ready = True
-        return ledger
-
-    def in_recovery(self, conn: psycopg.Connection[Any]) -> bool:
-        if conn is self.on_primary:
-            return False
-        if db.is_in_recovery(conn):
-            return True
-        self.on_primary = conn
-        return False
-
-    def purge_once(self, ledger: Ledger, spec: RunSpec) -> None:
-        """Old history goes once per session, not once per item."""
-        if not self.purged:
-            ledger.purge(spec.settings.defaults.history_retention)
-            self.purged = True
-
-    def work_connection(
-        self,
-        spec: RunSpec,
-        *,
-        fresh: bool = False,
-        on_connect: Callable[[psycopg.Connection[Any]], None] | None = None,
-    ) -> psycopg.Connection[Any]:
-        """The session's work connection for `spec`'s target, reset to a clean state."""
-        conninfo = _conninfo_of(spec)
-        if self.conninfo != conninfo:
-            self.close()  # the DSN changed (a rotated dsn_file): nothing of the old session is reused
-            self.conninfo = conninfo
-        if not fresh and Session.usable(self.conn):
-            assert self.conn is not None
-            try:
-                self.conn.execute("RESET ALL")  # whatever the previous run's unit SET for itself
-            except psycopg.OperationalError:
-                fresh = True  # the server went away since the previous item (a restart, a failover)
-        conn = self.conn
-        if fresh or conn is None or not Session.usable(conn):
-            if conn is not None and not conn.closed:
-                conn.close()
-            conn = self.conn = connect_retrying(
-                conninfo, spec, application_name=f"pg-maintainer {spec.job.name}"[:63],
-                reconnecting=conn is not None,
-            )
-        if on_connect is not None:
-            on_connect(conn)
-        return conn
-
-
-def _conninfo_of(spec: RunSpec) -> str:
-    try:
-        return spec.target.conninfo()
-    except OSError as exc:
-        raise RunFailed(f"cannot read dsn_file of target {spec.target_name!r}: {exc.strerror}") from None
-
-
-def retry_delay(spec: RunSpec, attempt: int) -> float:
-    """Seconds to wait after failed attempt number `attempt`: exponential, capped, jittered (so the
-    replicas of a daemon that lost the same server do not come back in lockstep)."""
-    defaults = spec.settings.defaults
-    delay: float = min(
-        defaults.retry_backoff.total_seconds() * 2 ** (attempt - 1), defaults.retry_backoff_max.total_seconds()
-    )
-    return delay * random.uniform(0.5, 1.5)  # noqa: S311 - jitter, not crypto
-
-
-def connect_retrying(
-    conninfo: str, spec: RunSpec, *, application_name: str, reconnecting: bool = False
-) -> psycopg.Connection[Any]:
-    """`db.connect`, tried `max_attempts` times with backoff. A server that is restarting or being
-    promoted refuses connections for a few seconds, which must not fail the run: when `reconnecting`
-    (the server answered earlier in this session), attempts go on until `reconnect_window` has passed
-    too. A first connection gives up sooner, so a wrong host is reported without a long wait.
-
-    Before anything runs on it, the connection is checked for a pooler in between (see `pooler`):
-    one that goes through a transaction-mode pooler is closed and `pooler.PoolerDetected` raised,
-    never retried (it is configuration, not a passing failure)."""
-    defaults = spec.settings.defaults
-    deadline = time.monotonic() + (defaults.reconnect_window.total_seconds() if reconnecting else 0.0)
-    number = 0
-    while True:
-        number += 1
-        try:
-            conn = db.connect(conninfo, application_name=application_name)
-        except db.TargetUnavailable:
-            left = deadline - time.monotonic()
-            if number >= defaults.max_attempts and left <= 0:
-                raise
-            delay = retry_delay(spec, number)
-            time.sleep(min(delay, left) if number >= defaults.max_attempts else delay)
-            continue
-        pooler.require_direct(conn, spec.target_name)
-        return conn
-
-
-def render_statements(unit: Unit, block: str, context: Mapping[str, Any]) -> list[Statement]:
-    """A block rendered and split into statements; only `apply` and `after` may render none."""
-    text, values = unit.render_block(block, context)
-    statements = split_statements(text, values, where=f"{unit.path.name} ({block}): ")
-    if not statements and block not in ("apply", "after"):
-        raise RunFailed(f"{unit.path.name}: {block} rendered no statement")
-    return statements
-
-
-def render_select(unit: Unit, block: str, context: Mapping[str, Any]) -> Statement:
-    """A block that must be exactly one SELECT (survey, prepare, discover, verify, report)."""
-    statements = render_statements(unit, block, context)
-    if len(statements) != 1:
-        raise RunFailed(f"{unit.path.name}: {block} must be exactly one SELECT")
-    return statements[0]
-
-
-def timeouts_of(spec: RunSpec) -> tuple[dt.timedelta, dt.timedelta]:
-    """(lock_timeout, statement_timeout): the job's own, else the configuration's defaults."""
-    defaults = spec.settings.defaults
-    return spec.job.timeouts.lock or defaults.lock_timeout, spec.job.timeouts.statement or defaults.statement_timeout
-
-
 def run_all(
     specs: list[RunSpec],
     options: Callable[[RunSpec], RunOptions] | RunOptions,
@@ -287,109 +112,13 @@ def run_all(
                     (s, o) for s, o in zip(specs, all_options, strict=True) if (s.job.name, s.target_name) == group
                 ]
                 found = survey_items([s for s, _ in members], opts)
-                for index, settled in _settle(members, found).items():
+                for index, settled in settle(members, found).items():
                     members[index][1].surveyed = settled
             results.append((runner or run)(spec, opts))
     finally:
         for session in sessions.values():
             session.close()
     return results
-
-
-def _settle(members: list[tuple[RunSpec, RunOptions]], found: dict[int, dict[str, Any]]) -> dict[int, Surveyed]:
-    """Lock, check (`on_locked`) and record the vouched-for items of a group in one batch: one
-    statement takes their advisory locks, one writes their ledger records, one releases the locks,
-    instead of a full run each. Anything going wrong here leaves them to run in full."""
-    if not found:
-        return {}
-    first, options = members[0]
-    if options.dry_run:
-        return {index: Surveyed(finding) for index, finding in found.items()}
-    session = options.session
-    assert session is not None and session.conn is not None
-    indexes = sorted(found)
-    keys = [members[i][0].lock_key for i in indexes]
-    conn = session.conn
-    settled: dict[int, Surveyed] = {}
-    try:
-        ledger = session.ledger(first)
-        got = db.try_advisory_locks(conn, keys)
-        try:
-            records = []
-            for index, key, locked in zip(indexes, keys, got, strict=True):
-                spec, opts = members[index]
-                reason = None
-                if not locked:
-                    reason = LOCK_HELD
-                elif opts.on_locked is not None:
-                    reason = opts.on_locked(ledger)
-                settled[index] = Surveyed(found[index], "skipped" if reason else "ok", reason)
-                records.append(IdleRun(
-                    job=spec.job.name, unit=spec.unit.name, target=spec.target_name, item=spec.item_label,
-                    lock_key=key, trigger=opts.trigger, params=json_safe(_loggable(spec.params)),
-                    status=settled[index].status, reason=reason, finding=found[index] if not reason else None,
-                    level_field=spec.unit.level_field,
-                    observed=spec.unit.observations([found[index]]) if not reason else None,
-                ))
-            for index, run_id in zip(indexes, ledger.record_idle_runs(records), strict=True):
-                settled[index].run_id = run_id
-            session.purge_once(ledger, first)
-        finally:
-            db.advisory_unlocks(conn, [key for key, locked in zip(keys, got, strict=True) if locked])
-    except (psycopg.Error, db.TargetUnavailable) as exc:
-        log.warning(f"{first.job.name} on {first.target_name}: recording the surveyed items failed, they run in full:"
-                    f" {db.error_summary(exc) if isinstance(exc, psycopg.Error) else exc}",
-                    extra={"job": first.job.name, "target": first.target_name})
-        return {}
-    return settled
-
-
-def survey_items(specs: list[RunSpec], options: RunOptions) -> dict[int, dict[str, Any]]:
-    """Run the unit's `survey` block once over the items of one (job, target).
-
-    The block gets `items` (`index`, `params`, `item`) and returns one row per item it can prove has
-    nothing to do, carrying `item` (the index) and that item's finding. A survey is only ever a
-    shortcut: when it fails, or on a replica, every item runs in full and meets the problem there.
-    """
-    unit, first = specs[0].unit, specs[0]
-    assert options.session is not None
-    try:
-        conn = options.session.work_connection(first, on_connect=options.on_connect)
-        if options.session.in_recovery(conn):
-            return {}
-        lock_timeout, statement_timeout = timeouts_of(first)
-        db.set_timeouts(conn, lock_timeout=lock_timeout, statement_timeout=statement_timeout)
-        run = render_context.run_context(
-            target=first.target_name, job=first.job.name, state_schema=first.settings.state_schema,
-            args=options.args, dry_run=options.dry_run,
-        )
-        items = [{"index": i, "params": s.params, "item": s.item_label} for i, s in enumerate(specs)]
-        context = render_context.survey_context(run, items)
-        statement = render_select(unit, "survey", context)
-        rows = db.query(conn, statement.sql, statement.params, read_only=True)
-    except pooler.PoolerDetected:
-        return {}  # every item meets the refusal when it runs
-    except (RunFailed, RenderError, UnitError, db.TargetUnavailable, psycopg.Error) as exc:
-        problem: object = exc
-        if isinstance(exc, psycopg.Error):
-            problem = db.error_summary(exc, sensitive=unit.meta.sensitive, trusted=unit.meta.trusted_messages)
-        log.warning(
-            f"{first.job.name} on {first.target_name}: survey failed, every item runs in full: {problem}",
-            extra={"job": first.job.name, "target": first.target_name},
-        )
-        return {}
-    found: dict[int, dict[str, Any]] = {}
-    for row in rows:
-        index = row.pop("item", None)
-        if isinstance(index, int) and 0 <= index < len(specs):
-            found[index] = row
-    return found
-
-
-class RunFailed(MaintainerError):
-    def __init__(self, message: str, sqlstate: str | None = None) -> None:
-        super().__init__(message)
-        self.sqlstate = sqlstate
 
 
 class Cancelled(Exception):
@@ -487,7 +216,7 @@ class _Run:
                     item=spec.item_label,
                     lock_key=self.lock_key,
                     trigger=self.opts.trigger,
-                    params=json_safe(_loggable(spec.params)),
+                    params=json_safe(loggable_params(spec.params)),
                 )
             )
         db.set_timeouts(self.conn, lock_timeout=self.lock_timeout, statement_timeout=self.statement_timeout)
@@ -998,7 +727,7 @@ class _Run:
                     lambda ledger: ledger.start_run(
                         job=self.spec.job.name, unit=self.unit.name, target=self.spec.target_name,
                         item=self.spec.item_label, lock_key=self.lock_key, trigger=self.opts.trigger,
-                        params=json_safe(_loggable(self.spec.params)),
+                        params=json_safe(loggable_params(self.spec.params)),
                     )
                 )
                 self._write_ledger(lambda ledger: finish(ledger, run_id))
@@ -1066,8 +795,3 @@ def _merge_actions(merged: list[Action], new: list[Action], iteration: int) -> l
         else:
             merged.append(action)
     return merged
-
-
-def _loggable(params: Mapping[str, Any]) -> dict[str, Any]:
-    """Params as recorded in the ledger: job-file configuration only (never `--arg` values)."""
-    return {k: (str(v) if isinstance(v, QualifiedName | dt.timedelta) else v) for k, v in params.items()}

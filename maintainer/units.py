@@ -35,7 +35,7 @@ from pglast import parser as pg_parser
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from maintainer.config import describe_validation_error, structure_problems
-from maintainer.errors import MaintainerError
+from maintainer.errors import MaintainerError, RunFailed
 from maintainer.render import RenderError, TrustedSql, make_environment, render_with_binds
 from maintainer.values import (
     PRACTICAL_MAX_DURATION,
@@ -703,3 +703,19 @@ def _split_plan(text: str) -> tuple[tuple[str, tuple[int, ...], Control], ...]:
         plan.append((statement, tuple(sorted(mapping, key=mapping.__getitem__)), _control_of(statement)))
     return tuple(plan)
 
+
+def render_statements(unit: Unit, block: str, context: Mapping[str, Any]) -> list[Statement]:
+    """A block rendered and split into statements; only `apply` and `after` may render none."""
+    text, values = unit.render_block(block, context)
+    statements = split_statements(text, values, where=f"{unit.path.name} ({block}): ")
+    if not statements and block not in ("apply", "after"):
+        raise RunFailed(f"{unit.path.name}: {block} rendered no statement")
+    return statements
+
+
+def render_select(unit: Unit, block: str, context: Mapping[str, Any]) -> Statement:
+    """A block that must be exactly one SELECT (survey, prepare, discover, verify, report)."""
+    statements = render_statements(unit, block, context)
+    if len(statements) != 1:
+        raise RunFailed(f"{unit.path.name}: {block} must be exactly one SELECT")
+    return statements[0]

@@ -11,7 +11,9 @@ from typing import Any
 
 from maintainer.db import advisory_key
 from maintainer.project import load_project
-from maintainer.runner import RunOptions, Session, run, run_all, survey_items
+from maintainer.runner import RunOptions, run, run_all
+from maintainer.session import Session
+from maintainer.survey import survey_items
 from tests.conftest import Database, Workspace
 from tests.test_partitions import month, monthly_table, suffix
 

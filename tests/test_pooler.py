@@ -27,8 +27,8 @@ from maintainer import db as dbmod
 from maintainer import pooler
 from maintainer.project import load_project
 from maintainer.results import RunResult, exit_code
-from maintainer.runner import Session
 from maintainer.scheduler import Daemon
+from maintainer.session import Session
 from tests.conftest import Database, Server, Workspace
 from tests.pgbouncer import PgBouncer, PgBouncerUnavailable
 
