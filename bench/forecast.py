@@ -12,7 +12,7 @@
    `maintainer trigger` does) with forecasts on, and off (the history hidden from the unit and
    nothing observed kept in the ledger), in interleaved rounds.
 
-Usage: .venv/bin/python bench/forecast.py [--trials 200] [--sequences 5000] [--rounds 25]
+Usage: .venv/bin/python bench/forecast.py [--trials 200] [--sequences 5000] [--rounds 50]
 """
 
 from __future__ import annotations
@@ -194,7 +194,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--trials", type=int, default=200)
     parser.add_argument("--sequences", type=int, default=5000)
-    parser.add_argument("--rounds", type=int, default=25)
+    parser.add_argument("--rounds", type=int, default=50)
     args = parser.parse_args()
     kind = next(k for k in available_kinds() if k.name == "pg18-embedded")
     with LocalCluster(kind) as cluster:
