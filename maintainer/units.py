@@ -250,6 +250,8 @@ class Unit:
             # a number JSON can carry (no NaN or infinity), or nothing to observe
             if isinstance(value, bool) or not isinstance(value, int | float | Decimal) or not math.isfinite(value):
                 continue
+            if isinstance(value, Decimal):  # a JSON number, as the ledger's SQL reads it back
+                value = int(value) if value == value.to_integral_value() else float(value)
             if spec.key is None:
                 key = ""
             elif finding.get(spec.key) is None:

@@ -310,3 +310,22 @@ def test_a_ledger_from_before_observations_is_upgraded_and_forecasts_start_from_
     assert "no earlier observation" in orders_finding(history[0])["forecast_note"]
     assert orders_finding(history[-1])["rate_per_day"] == pytest.approx(pacer.rate_per_day, rel=0.10)
     assert db.execute("SELECT max(version) FROM maintainer.schema_version")[0][0] == 2
+
+
+def test_a_run_keeps_finite_numbers_by_key_and_the_largest_of_a_key() -> None:
+    from decimal import Decimal
+
+    from maintainer.units import load_units
+
+    sequences = load_units(None)["sequences"]
+    observed = sequences.observations([
+        {"sequence_oid": 5, "position": Decimal("12")},
+        {"sequence_oid": 5, "position": Decimal("13")},  # a second column fed by the same sequence
+        {"sequence_oid": 6, "position": float("nan")},
+        {"sequence_oid": 7, "position": True},
+        {"sequence_oid": 8, "position": None},
+        {"sequence_oid": None, "position": 4},
+    ])
+    assert observed == {"5": 13} and isinstance(observed["5"], int)
+    assert sequences.observations([{"sequence_oid": 6, "position": None}]) is None
+    assert load_units(None)["reindex"].observations([{"index": "x"}]) is None
