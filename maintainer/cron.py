@@ -7,6 +7,8 @@ are Sunday), whatever APScheduler's own convention.
 
 from __future__ import annotations
 
+import re
+
 from apscheduler.triggers.cron import CronTrigger
 
 _CRON_ALIASES = {
@@ -48,30 +50,15 @@ def cron_weekdays(field: str) -> str:
     """
     if field == "*":
         return field
-    days: set[int] = set()
-    for part in field.lower().split(","):
-        body, slash, step_text = part.partition("/")
-        step = int(step_text) if slash else 1
-        if body == "*":
-            low, high = 0, 6
-        elif "-" in body:
-            first, last = body.split("-", 1)
-            low, high = _weekday(first), _weekday(last)
-        else:
-            low = _weekday(body)
-            high = 7 if slash else low
-        if step < 1 or low > high:
-            raise ValueError(f"day-of-week {part!r} is not a valid range")
-        days.update(day % 7 for day in range(low, high + 1, step))
+    numeric = re.sub(r"[a-z]+", lambda name: str(_weekday(name.group())), field.lower())
+    days = {day % 7 for day in expand_field(numeric, 0, 7)}
     return ",".join(_WEEKDAYS[day] for day in sorted(days))
 
 
-def _weekday(text: str) -> int:
-    if text in _WEEKDAYS:
-        return _WEEKDAYS.index(text)
-    if text.isdigit() and int(text) <= 7:
-        return int(text)
-    raise ValueError(f"day-of-week {text!r} must be 0-7 or sun..sat")
+def _weekday(name: str) -> int:
+    if name in _WEEKDAYS:
+        return _WEEKDAYS.index(name)
+    raise ValueError(f"day-of-week {name!r} must be 0-7 or sun..sat")
 
 
 def expand_field(field: str, low: int, high: int) -> set[int]:
