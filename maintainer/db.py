@@ -22,8 +22,6 @@ from maintainer.values import format_duration
 
 APPLICATION_NAME = "pg-maintainer"
 
-# Lock not available (lock_timeout), deadlock, serialization failure: the same statement may well
-# succeed a moment later. Connection-class errors (08xxx) and an administrator's shutdown too.
 # Worth retrying: the statement lost a race or the server went away, and the same statement may
 # well succeed a moment later. Class 08 (connection exceptions) are all of these too.
 TRANSIENT_ERRORS: tuple[type[psycopg.Error], ...] = (

@@ -40,11 +40,8 @@ class LatestRun:
 
 
 def latest_runs(conn: psycopg.Connection[Any], schema: str) -> list[LatestRun]:
-    """The newest completed run with findings of every (job, target, item) in one target's ledger.
-
-    A failed run counts when it still recorded findings (a step failed, the report ran); one that
-    failed before discovering anything leaves the previous findings in place.
-    """
+    """The newest completed run with findings of every (job, target, item) in one target's ledger
+    (see `Ledger.latest_findings`), minus the findings a failed verification withdrew."""
     rows = Ledger(conn, schema).latest_findings()
     return [
         LatestRun(

@@ -15,13 +15,12 @@ import psycopg
 
 from maintainer import context as render_context
 from maintainer import db, pooler
-from maintainer.errors import RunFailed
+from maintainer.errors import MaintainerError
 from maintainer.ledger import IdleRun
 from maintainer.project import RunSpec, loggable_params
-from maintainer.render import RenderError
 from maintainer.results import Status, json_safe
 from maintainer.session import timeouts_of
-from maintainer.units import UnitError, render_select
+from maintainer.units import render_select
 
 if TYPE_CHECKING:
     from maintainer.runner import RunOptions
@@ -67,7 +66,7 @@ def survey_items(specs: list[RunSpec], options: RunOptions) -> dict[int, dict[st
         rows = db.query(conn, statement.sql, statement.params, read_only=True)
     except pooler.PoolerDetected:
         return {}  # every item meets the refusal when it runs
-    except (RunFailed, RenderError, UnitError, db.TargetUnavailable, psycopg.Error) as exc:
+    except (MaintainerError, psycopg.Error) as exc:  # a run failure, a unit, a render, the target
         problem: object = exc
         if isinstance(exc, psycopg.Error):
             problem = db.error_summary(exc, sensitive=unit.meta.sensitive, trusted=unit.meta.trusted_messages)

@@ -37,6 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from maintainer.config import describe_validation_error, structure_problems
 from maintainer.errors import MaintainerError, RunFailed
 from maintainer.render import RenderError, TrustedSql, make_environment, render_with_binds
+from maintainer.results import json_safe
 from maintainer.values import (
     PRACTICAL_MAX_DURATION,
     QualifiedName,
@@ -250,8 +251,7 @@ class Unit:
             # a number JSON can carry (no NaN or infinity), or nothing to observe
             if isinstance(value, bool) or not isinstance(value, int | float | Decimal) or not math.isfinite(value):
                 continue
-            if isinstance(value, Decimal):  # a JSON number, as the ledger's SQL reads it back
-                value = int(value) if value == value.to_integral_value() else float(value)
+            value = json_safe(value)  # a Decimal from a survey's row: a JSON number, as SQL reads it back
             if spec.key is None:
                 key = ""
             elif finding.get(spec.key) is None:
