@@ -247,18 +247,18 @@ class Unit:
             return None
         observed: dict[str, Any] = {}
         for finding in findings:
-            value = finding.get(spec.value)
-            # a number JSON can carry (no NaN or infinity), or nothing to observe
-            if isinstance(value, bool) or not isinstance(value, int | float | Decimal) or not math.isfinite(value):
+            value = _observable(finding.get(spec.value))
+            if value is None:
                 continue
-            value = json_safe(value)  # a Decimal from a survey's row: a JSON number, as SQL reads it back
             if spec.key is None:
                 key = ""
-            elif finding.get(spec.key) is None:
+            elif (named := finding.get(spec.key)) is None:
                 continue
             else:
-                key = str(finding[spec.key])
-            observed[key] = max(observed.get(key, value), value)
+                key = str(named)
+            # several findings of one key (a sequence feeding several columns): the largest
+            if (earlier := observed.get(key)) is None or value > earlier:
+                observed[key] = value
         return observed or None
 
     def validate_params(self, values: Mapping[str, Any], where: str) -> dict[str, Any]:
@@ -704,6 +704,21 @@ def _split_plan(text: str) -> tuple[tuple[str, tuple[int, ...], Control], ...]:
         statement = "".join(out).strip()
         plan.append((statement, tuple(sorted(mapping, key=mapping.__getitem__)), _control_of(statement)))
     return tuple(plan)
+
+
+def _observable(value: Any) -> int | float | None:
+    """A finding's value as a number JSON can carry (no NaN or infinity, a Decimal from a survey's
+    row as an int or a float, as SQL reads it back), or None: nothing to observe."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, Decimal):
+        number: int | float = json_safe(value) if value.is_finite() else math.nan
+        value = number
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and math.isfinite(value):
+        return value
+    return None
 
 
 def render_statements(unit: Unit, block: str, context: Mapping[str, Any]) -> list[Statement]:
