@@ -21,11 +21,11 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import psycopg
-from psycopg.rows import dict_row
 
 from maintainer import context as render_context
 from maintainer import db, pooler
 from maintainer.errors import RunFailed
+from maintainer.executor import Executor, Outcome, merge_actions
 from maintainer.ledger import Ledger
 from maintainer.pacing import Pacer, Throttled
 from maintainer.project import RunSpec, loggable_params
@@ -38,7 +38,6 @@ from maintainer.units import (
     UnitError,
     render_select,
     render_statements,
-    transaction_blocks,
 )
 from maintainer.values import QualifiedName
 
@@ -149,12 +148,19 @@ class _Run:
         self.ledger: Ledger | None = None
         self.recorded = False
         self.locked = False
-        self.attempts = 0
         self.step_batches = 0  # of the step being applied (repeated steps: one per batch that changed rows)
         self.owns_session = options.session is None
         self.session = options.session or Session()
         self.pacer = Pacer(None if options.dry_run else spec.throttle, cancel=options.cancel, on_wait=self._waiting)
         self.throttle_stop: str | None = None  # why pacing stopped the run at a safe point
+        self.executor = Executor(
+            connection=self._work_conn,
+            reconnect=self._reconnect,
+            max_attempts=spec.settings.defaults.max_attempts,
+            backoff=functools.partial(retry_delay, spec),
+            check_cancel=self._check_cancel,
+            actions=self.result.actions,
+        )
 
     # -- top level ------------------------------------------------------------------------------
 
@@ -176,7 +182,7 @@ class _Run:
             self._fail(self._describe(exc), db.sqlstate_of(exc))
         finally:
             self.result.finished_at = dt.datetime.now(dt.UTC)
-            self.result.attempts = max(self.attempts, 1)
+            self.result.attempts = max(self.executor.attempts, 1)
             self._close()
         return self.result
 
@@ -309,7 +315,7 @@ class _Run:
         window = self.spec.params.get("forecast_window")
         assert self.conn is not None
         ledger = Ledger(self.conn, self.spec.settings.state_schema)
-        return self._with_retries(lambda: ledger.forecast_runs(
+        return self.executor.with_retries(lambda: ledger.forecast_runs(
             self.spec.job.name, self.spec.target_name, self.spec.item_label,
             window=window if isinstance(window, dt.timedelta) else DEFAULT_FORECAST_WINDOW,
         ))
@@ -379,7 +385,7 @@ class _Run:
         """Wait while the target's standbys are behind (see `pacing`); False when waiting longer
         than `max_wait` stopped the run here, at a safe point."""
         try:
-            self._with_retries(lambda: self.pacer.wait(self._work_conn(), self._check_cancel))
+            self.executor.with_retries(lambda: self.pacer.wait(self._work_conn(), self._check_cancel))
         except Throttled as exc:
             self.throttle_stop = str(exc)
             return False
@@ -419,18 +425,17 @@ class _Run:
         attempts = self.spec.settings.defaults.max_attempts
         row = context["row"]
         for number in range(1, attempts + 1):
-            self.attempts = max(self.attempts, number)
             mark = len(self.result.actions)
             try:
                 statements = self._render("apply", render_context.step_context(context, row))
                 rows, _ = self._execute_statements(statements, retry=False)
-                self._count_attempts(mark, number)
+                self.executor.count_attempts(mark, number)
                 return rows
             except psycopg.Error as exc:
-                self._count_attempts(mark, number)
+                self.executor.count_attempts(mark, number)
                 if not db.is_transient(exc) or number == attempts:
                     raise
-                self._before_retry(number)
+                self.executor.before_retry(number)
                 now = self._select("recheck", render_context.step_context(context, row), read_only=False)
                 if not now:
                     return 0
@@ -458,7 +463,7 @@ class _Run:
             rows, last = self._execute_statements(statements)
             new_actions = self.result.actions[actions_before:]
             del self.result.actions[actions_before:]
-            merged = _merge_actions(merged, new_actions, iteration)
+            merged = merge_actions(merged, new_actions, iteration)
             # Kept in the result after every batch: if a later batch fails or the run is cancelled,
             # the ledger still shows the rows the committed batches changed.
             self.result.actions[base:] = merged
@@ -518,148 +523,20 @@ class _Run:
     def _select(self, block: str, context: Mapping[str, Any], *, read_only: bool) -> list[dict[str, Any]]:
         """A one-SELECT block's rows; a SELECT changes nothing, so a transient failure (a restart,
         a lock timeout on a catalog) is simply tried again."""
-        statement = render_select(self.unit, block, context)
-        return self._with_retries(lambda: self._query(statement, read_only=read_only))
-
-    def _query(self, statement: Statement, *, read_only: bool) -> list[dict[str, Any]]:
-        assert self.conn is not None
-        return db.query(self.conn, statement.sql, statement.params, read_only=read_only)
+        return self.executor.select(render_select(self.unit, block, context), read_only=read_only)
 
     def _execute_statements(
         self, statements: list[Statement], block_name: str = "apply", *, retry: bool = True
-    ) -> tuple[int, dict[str, Any] | None]:
-        """Run one step's statements (or only record them in a dry run): (rows affected, last row returned).
-
-        `after` always runs outside a transaction (VACUUM cannot run in one), like `transaction: none`.
-        Each transaction (or autocommitted statement) is retried on its own unless `retry` is false
-        (the caller retries the whole step).
-        """
+    ) -> Outcome:
+        """Run one step's statements (or only record them in a dry run): (rows affected, last row
+        returned). `after` always runs outside a transaction (VACUUM cannot run in one), like
+        `transaction: none`."""
         mode = "none" if block_name == "after" else self.unit.meta.transaction
-        groups = transaction_blocks(statements, mode, where=f"{self.unit.path.name} ({block_name}): ")
+        where = f"{self.unit.path.name} ({block_name}): "
         if self.opts.dry_run:
-            self.result.actions.extend(Action(s.sql, "planned") for s in statements)
+            self.executor.plan(statements, mode, where)
             return 0, None
-        total, last = 0, None
-        for group in groups:
-            self._check_cancel()
-            if group[0].control == "begin":
-                attempt = functools.partial(self._run_explicit_transaction, group)
-            elif len(group) == 1:
-                # A single statement is atomic on its own: BEGIN and COMMIT would only add two round
-                # trips per step (per batch, for repeated steps).
-                attempt = functools.partial(self._run_one, group[0])
-            else:
-                attempt = functools.partial(self._run_transaction, group)
-            rows, last_row = self._with_retries(attempt) if retry else attempt()
-            total += rows
-            last = last_row if last_row is not None else last
-        return total, last
-
-    def _run_one(self, statement: Statement) -> tuple[int, dict[str, Any] | None]:
-        assert self.conn is not None
-        started = time.monotonic()
-        action = Action(statement.sql, "ok")
-        try:
-            with psycopg.RawCursor(self.conn, row_factory=dict_row) as cur, db.keeping_plans(self.conn, statement.sql):
-                cur.execute(statement.sql, statement.params or None)
-                rows, last = _outcome_of(cur)
-        except psycopg.Error as exc:
-            action.status, action.sqlstate = "failed", db.sqlstate_of(exc)
-            action.seconds = time.monotonic() - started
-            self.result.actions.append(action)
-            raise
-        action.seconds = time.monotonic() - started
-        action.rows = rows
-        self.result.actions.append(action)
-        return rows, last
-
-    def _run_explicit_transaction(self, block: list[Statement]) -> tuple[int, dict[str, Any] | None]:
-        """An explicit `BEGIN … COMMIT` block of a `transaction: none` unit: its statements travel in
-        one round trip (psycopg's pipeline mode) and commit or roll back together. The block's time is
-        recorded on its COMMIT: the statements' own times cannot be told apart."""
-        assert self.conn is not None
-        started = time.monotonic()
-        cursors: list[psycopg.RawCursor[dict[str, Any]]] = []
-        try:
-            with db.keeping_plans(self.conn, *(s.sql for s in block)), self.conn.pipeline():
-                for statement in block:
-                    cursor = psycopg.RawCursor(self.conn, row_factory=dict_row)
-                    cursors.append(cursor)
-                    # BEGIN and COMMIT repeat in every block: never worth a prepared statement.
-                    prepare = False if statement.control else None
-                    cursor.execute(statement.sql, statement.params or None, prepare=prepare)
-        except psycopg.Error as exc:
-            db.rollback_failed_block(self.conn)
-            # The first statement without a result is the one that failed; the others did not happen.
-            failed = next((i for i, c in enumerate(cursors) if c.pgresult is None), len(block) - 1)
-            for number, statement in enumerate(block):
-                action = Action(statement.sql, "failed" if number == failed else "skipped")
-                if number == failed:
-                    action.sqlstate = db.sqlstate_of(exc)
-                    action.seconds = time.monotonic() - started
-                self.result.actions.append(action)
-            raise
-        seconds = time.monotonic() - started
-        total, last = 0, None
-        for statement, cursor in zip(block, cursors, strict=True):
-            action = Action(statement.sql, "ok")
-            if statement.control is None:
-                action.rows, last_row = _outcome_of(cursor)
-                total += action.rows
-                last = last_row if last_row is not None else last
-            elif statement.control == "commit":
-                action.seconds = seconds
-            self.result.actions.append(action)
-        return total, last
-
-    def _run_transaction(self, statements: list[Statement]) -> tuple[int, dict[str, Any] | None]:
-        assert self.conn is not None
-        total, last = 0, None
-        mark = len(self.result.actions)
-        try:
-            with self.conn.transaction():
-                for statement in statements:
-                    rows, row = self._run_one(statement)
-                    total += rows
-                    last = row if row is not None else last
-        except psycopg.Error:
-            # The whole transaction rolled back: statements that "succeeded" in it did not happen.
-            for action in self.result.actions[mark:]:
-                if action.status == "ok":
-                    action.status = "skipped"
-            raise
-        return total, last
-
-    def _with_retries(self, attempt: Callable[[], T]) -> T:
-        """`attempt`, tried again after a transient error (lock timeout, deadlock, lost connection)
-        up to `max_attempts` times, with backoff; only the final attempt's actions are kept."""
-        attempts = self.spec.settings.defaults.max_attempts
-        for number in range(1, attempts + 1):
-            self.attempts = max(self.attempts, number)
-            mark = len(self.result.actions)
-            try:
-                outcome = attempt()
-            except psycopg.Error as exc:
-                if not db.is_transient(exc) or number == attempts:
-                    self._count_attempts(mark, number)
-                    raise
-                del self.result.actions[mark:]
-                self._before_retry(number)
-                continue
-            self._count_attempts(mark, number)
-            return outcome
-        raise AssertionError("unreachable")
-
-    def _before_retry(self, failed_attempt: int) -> None:
-        """Wait out the backoff; replace the work connection if the failure took it down."""
-        self._check_cancel()
-        time.sleep(retry_delay(self.spec, failed_attempt))
-        if self.conn is None or self.conn.closed or self.conn.broken:
-            self._reconnect()
-
-    def _count_attempts(self, mark: int, attempts: int) -> None:
-        for action in self.result.actions[mark:]:
-            action.attempts = attempts
+        return self.executor.run(statements, mode, where, retry=retry)
 
     # -- outcome --------------------------------------------------------------------------------
 
@@ -706,7 +583,7 @@ class _Run:
             return ledger.finish_run(
                 record,
                 status=self.result.status,
-                attempts=max(self.attempts, 1),
+                attempts=max(self.executor.attempts, 1),
                 sqlstate=self.result.sqlstate,
                 error=self.result.error,
                 actions=[a.to_json() | {"attempts": a.attempts} for a in self.result.actions],
@@ -765,33 +642,3 @@ class _Run:
                 )
             )
 
-
-def _outcome_of(cursor: psycopg.RawCursor[dict[str, Any]]) -> tuple[int, dict[str, Any] | None]:
-    """(rows affected, last row returned) of an executed statement."""
-    fetched = list(cursor.fetchall()) if cursor.description else []
-    rows = cursor.rowcount if cursor.rowcount >= 0 else len(fetched)
-    last = fetched[-1] if fetched else None
-    # A step may report its own progress count (`SELECT count(*) AS rows …`) instead of rowcount.
-    if last is not None and len(fetched) == 1 and "rows" in last and isinstance(last["rows"], int):
-        rows = last["rows"]
-    return rows, last
-
-
-def _merge_actions(merged: list[Action], new: list[Action], iteration: int) -> list[Action]:
-    """Fold a batch's actions into one per statement position (rows and seconds summed)."""
-    if not merged:
-        for action in new:
-            action.iterations = 1
-        return list(new)
-    for position, action in enumerate(new):
-        if position < len(merged):
-            target = merged[position]
-            target.rows = (target.rows or 0) + (action.rows or 0)
-            target.seconds = (target.seconds or 0) + (action.seconds or 0)
-            target.iterations = iteration
-            target.attempts = max(target.attempts, action.attempts)
-            if action.status != "ok":
-                target.status, target.sqlstate = action.status, action.sqlstate
-        else:
-            merged.append(action)
-    return merged
