@@ -161,6 +161,10 @@ class Metrics:
                                  ["job", "target", "reason"], registry=self.registry)
         self.findings = FindingGauges()
         self.registry.register(self.findings)
+        # What the run-time gauges hold, so that values read from the ledger at start never
+        # overwrite a run that finished meanwhile (the restore runs next to the first runs).
+        self._finished: dict[tuple[str, str, str], float] = {}
+        self._finished_lock = threading.Lock()
 
     def observe(self, unit: Unit, result: RunResult) -> None:
         self._initialise(result.job, result.target)
@@ -170,12 +174,28 @@ class Metrics:
         if result.status in ("ok", "failed"):
             self.duration.labels(result.job, result.target).observe(result.seconds)
             finished = (result.finished_at or result.started_at).timestamp()
-            self.last_run.labels(result.job, result.target).set(finished)
+            self._set_finished("run", result.job, result.target, finished)
             if result.status == "ok":
-                self.last_success.labels(result.job, result.target).set(finished)
+                self._set_finished("success", result.job, result.target, finished)
         # A failed run keeps the previous gauges unless it still produced findings.
         if result.status == "ok" or result.findings:
             self.findings.update(unit, result.job, result.target, item_label(result.item), result.findings)
+
+    def seed_finish_times(self, job: str, target: str, last_run: float | None, last_success: float | None) -> None:
+        """Run times read from the ledger at start: after a restart the gauges go on where they
+        were, so the time since the last success (and `MaintainerJobNotSucceeding`) does not start
+        again from nothing. A newer value set by a run of this process wins."""
+        if last_run is not None:
+            self._set_finished("run", job, target, last_run)
+        if last_success is not None:
+            self._set_finished("success", job, target, last_success)
+
+    def _set_finished(self, which: str, job: str, target: str, at: float) -> None:
+        gauge = self.last_success if which == "success" else self.last_run
+        with self._finished_lock:
+            if at >= self._finished.get((which, job, target), float("-inf")):
+                self._finished[(which, job, target)] = at
+                gauge.labels(job, target).set(at)
 
     def skipped(self, job: str, target: str) -> None:
         self._initialise(job, target)

@@ -249,7 +249,8 @@ class Daemon:
     # -- restart: gauges and catch-up -----------------------------------------------------------
 
     def _restore(self) -> None:
-        """From each target's ledger: last findings into the gauges, and runs missed while down."""
+        """From each target's ledger: last findings and run times into the gauges, and runs missed
+        while down."""
         project = self.project
         now = dt.datetime.now(dt.UTC)
         for name, target in sorted(project.settings.targets.items()):
@@ -265,8 +266,12 @@ class Daemon:
                     unit = project.units.get(latest.unit)
                     if latest.target == name and unit is not None and latest.job in project.jobs:
                         self.metrics.findings.seed(unit, latest.job, name, latest.item, latest.findings)
+                ledger = Ledger(conn, project.settings.state_schema)
+                for (job_name, target_name), (last_run, last_success) in ledger.finish_times().items():
+                    if target_name == name and job_name in project.jobs:
+                        self.metrics.seed_finish_times(job_name, name, _epoch(last_run), _epoch(last_success))
                 if project.settings.scheduler.catch_up:
-                    self._catch_up(name, Ledger(conn, project.settings.state_schema).last_runs(), now)
+                    self._catch_up(name, ledger.last_runs(), now)
             except psycopg.Error as exc:
                 log.warning(f"target {name}: cannot read its ledger at start: {db.error_summary(exc)}",
                             extra={"target": name})
@@ -471,3 +476,7 @@ def run_daemon(config_path: str | None) -> int:
     except OSError as exc:
         raise ConfigError([f"http.listen {project.settings.http.listen}: cannot listen: {exc.strerror}"]) from None
     return daemon.serve()
+
+
+def _epoch(at: dt.datetime | None) -> float | None:
+    return None if at is None else at.timestamp()

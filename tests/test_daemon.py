@@ -214,6 +214,12 @@ def test_start_catches_up_overdue_jobs_restores_gauges_and_skips_outside_window(
     assert sample_value(metrics, "maintainer_job_runs_total", job="nightly", status="skipped") == 1
     # nightly did not run in this process: its gauges come from the ledger.
     assert sample_value(metrics, "maintainer_findings", job="nightly", target="app", level="ok") == 1
+    # so does the time of its last success (else the time since it would start again at each restart)
+    [(finished,)] = db.execute(
+        "SELECT extract(epoch FROM finished_at)::float8 FROM maintainer.run WHERE job = 'nightly'"
+    )
+    for gauge in ("maintainer_job_last_success_timestamp_seconds", "maintainer_job_last_run_timestamp_seconds"):
+        assert sample_value(metrics, gauge, job="nightly", target="app") == pytest.approx(finished, abs=1e-3)
     assert daemon.stop() == 0
     runs = db.execute("SELECT job, trigger, status FROM maintainer.run ORDER BY id")
     assert runs == [("overdue", "manual", "ok"), ("nightly", "manual", "ok"), ("overdue", "schedule", "ok")]
