@@ -6,7 +6,7 @@ import datetime as dt
 import decimal
 import ipaddress
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -39,6 +39,31 @@ def json_safe(value: Any) -> Any:
     if isinstance(value, bytes | memoryview):
         return f"<{len(value)} bytes>"
     return value
+
+
+def merge_findings(
+    findings: Sequence[Mapping[str, Any]], changes: Sequence[Mapping[str, Any]], key: Sequence[str],
+    omit: Sequence[str] = (),
+) -> list[dict[str, Any]]:
+    """A unit's findings with its `report` rows merged in (front matter `report: {merge_on: key}`).
+
+    A report row whose `key` fields match a finding updates that finding's columns; a row that
+    matches none is a finding of its own, after the others. Every finding carries every column
+    but those in `omit`: one the report adds is null where the report said nothing. Discover's
+    values keep their types, so a report never reads them back from JSON."""
+    merged = [dict(finding) for finding in findings]
+    by_key = {tuple(finding.get(k) for k in key): finding for finding in merged}
+    columns = dict.fromkeys(c for finding in merged for c in finding)
+    for change in changes:
+        columns.update(dict.fromkeys(change))
+        found = by_key.get(tuple(change.get(k) for k in key))
+        if found is None:
+            merged.append(dict(change))
+        else:
+            found.update(change)
+    for column in omit:
+        columns.pop(column, None)
+    return [{column: finding.get(column) for column in columns} for finding in merged]
 
 
 @dataclass

@@ -30,7 +30,7 @@ from maintainer.ledger import Ledger
 from maintainer.pacing import Pacer, Throttled
 from maintainer.project import RunSpec, loggable_params
 from maintainer.render import ArgValue, RenderError
-from maintainer.results import Action, RunResult, json_safe
+from maintainer.results import Action, RunResult, json_safe, merge_findings
 from maintainer.session import Session, retry_delay, timeouts_of
 from maintainer.survey import LOCK_HELD, Surveyed, settle, survey_items
 from maintainer.units import (
@@ -513,7 +513,11 @@ class _Run:
         if not self.unit.has_block("report"):
             return discovered if self.unit.has_block("discover") else []
         report_context = render_context.after_steps_context(context, discovered, outcomes)
-        return self._select("report", report_context, read_only=self.opts.dry_run)
+        rows = self._select("report", report_context, read_only=self.opts.dry_run)
+        spec = self.unit.meta.report
+        if spec is None:
+            return rows
+        return merge_findings(discovered, rows, spec.merge_on, spec.omit)
 
     # -- statements -----------------------------------------------------------------------------
 

@@ -155,6 +155,19 @@ class ForecastSpec(BaseModel):
     key: str | None = None
 
 
+class ReportSpec(BaseModel):
+    """`report: {merge_on: [fields], omit: [fields]}`: the `report` block returns only the findings
+    and columns it changes, and the runner merges its rows into discover's findings on the
+    `merge_on` fields (see results.merge_findings). `omit`: discover columns only the steps need
+    (which rows are steps, the names apply quotes), left out of the findings. Without this
+    section the report's rows replace the findings."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    merge_on: list[str] = Field(min_length=1)
+    omit: list[str] = Field(default_factory=list)
+
+
 class FrontMatter(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -183,6 +196,7 @@ class FrontMatter(BaseModel):
     metrics: dict[str, MetricSpec] = Field(default_factory=dict)
     alerts: AlertSpec | None = None
     forecast: ForecastSpec | None = None
+    report: ReportSpec | None = None
 
     @model_validator(mode="after")
     def _metric_names(self) -> FrontMatter:
@@ -237,6 +251,9 @@ class Unit:
             named["display"] = list(self.meta.display)
         if self.meta.forecast is not None:
             named["forecast"] = [self.meta.forecast.value, *filter(None, [self.meta.forecast.key])]
+        if self.meta.report is not None:
+            # (`omit` names discover columns that the findings leave out on purpose)
+            named["report.merge_on"] = list(self.meta.report.merge_on)
         return named
 
     def observations(self, findings: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:

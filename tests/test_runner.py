@@ -109,6 +109,49 @@ def test_trigger_runs_steps_verifies_and_records_the_ledger(workspace: Workspace
     assert history[0]["triggered_by"]
 
 
+MERGING_UNIT = """---
+description: mark items done; the report says which, merged into the findings
+params:
+  table: {type: table, required: true}
+report: {merge_on: [id], omit: [action]}
+---
+{% block discover %}
+SELECT id, label, id < 3 AS action FROM {{ params.table | ident }} ORDER BY id
+{% endblock %}
+{% block apply %}
+UPDATE {{ params.table | ident }} SET done = true WHERE id = {{ row.id | bind }}
+{% endblock %}
+{% block report %}
+SELECT s.id, s.status AS outcome
+  FROM unnest({{ steps | map(attribute='row.id') | list | bind }}::int[],
+              {{ steps | map(attribute='status') | list | bind }}::text[]) AS s (id, status)
+UNION ALL
+SELECT 99, 'noticed'
+{% endblock %}
+"""
+
+
+def test_a_report_merged_on_a_key_changes_only_what_it_returns(workspace: Workspace, db: Database) -> None:
+    db.run_script("CREATE TABLE items (id int PRIMARY KEY, label text, done boolean NOT NULL DEFAULT false);"
+                  "INSERT INTO items (id, label) VALUES (1, 'a'), (2, 'b'), (3, 'c')")
+    workspace.unit("merging", MERGING_UNIT)
+    workspace.job("merge", unit="merging", params={"table": "items"})
+    result = workspace.cli("trigger", "merge", "--json")
+    assert result.exit_code == 0, result.output
+    findings = json.loads(result.output)["runs"][0]["findings"]
+    # discover's values and types stay; the step rows get their outcome; a row matching no
+    # finding is one of its own; `action` is left out; every finding has every column
+    assert findings == [
+        {"id": 1, "label": "a", "outcome": "ok"},
+        {"id": 2, "label": "b", "outcome": "ok"},
+        {"id": 3, "label": "c", "outcome": None},
+        {"id": 99, "label": None, "outcome": "noticed"},
+    ]
+    assert db.execute("SELECT id FROM items WHERE done ORDER BY id") == [(1,), (2,)]
+    planned = json.loads(workspace.cli("trigger", "merge", "--dry-run", "--json").output)["runs"][0]["findings"]
+    assert [f["outcome"] for f in planned] == ["planned", "planned", None, "noticed"]
+
+
 def test_plan_and_dry_run_leave_the_catalog_unchanged(workspace: Workspace, db: Database) -> None:
     make_items(db)
     db.run_script("CREATE SEQUENCE s; SELECT nextval('s');")

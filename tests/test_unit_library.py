@@ -166,6 +166,8 @@ def test_a_user_library_file_of_the_same_name_wins_and_is_not_a_unit(tmp_path: P
     ("display: {x: 1}", "display"),
     ("metrics: {'bad name': {value: x}}", "metrics"),
     ("forecast: {vaule: x}", "forecast.vaule"),
+    ("report: {merge: [x]}", "report.merge"),
+    ("report: {merge_on: []}", "report.merge_on"),
 ])
 def test_a_misspelt_front_matter_key_makes_check_exit_2_naming_file_and_key(
     offline_workspace: Workspace, front_matter: str, key: str
