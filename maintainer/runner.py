@@ -10,7 +10,6 @@ steps without executing them, and writes nothing, not even the ledger.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import datetime as dt
 import functools
 import logging
@@ -18,7 +17,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import psycopg
 
@@ -74,19 +73,23 @@ class RunOptions:
     # Called with every work connection the run opens (reconnects too), so a daemon shutting down can
     # cancel a statement that outlives its grace period.
     on_connect: Callable[[psycopg.Connection[Any]], None] | None = None
-    # Connections shared with the other items of the same (job, target); None = a fresh pair.
-    session: Session | None = None
-    # Settled by `run_all` for an item the unit's `survey` vouched for (nothing to do); None = a full run.
-    surveyed: Surveyed | None = None
     # Hears what pacing waits for ("waiting: standby … replays 42 s behind"), None when it stops waiting.
     on_wait: Callable[[str | None], None] | None = None
+
+
+class Runner(Protocol):
+    """What runs one item: `run`, or the daemon's wrapper around it that tracks the run."""
+
+    def __call__(
+        self, spec: RunSpec, options: RunOptions, *, session: Session | None = None, surveyed: Surveyed | None = None
+    ) -> RunResult: ...
 
 
 def run_all(
     specs: list[RunSpec],
     options: Callable[[RunSpec], RunOptions] | RunOptions,
     *,
-    runner: Callable[[RunSpec, RunOptions], RunResult] | None = None,
+    runner: Runner | None = None,
 ) -> list[RunResult]:
     """Run several specs in order, sharing one session per target (see `Session`).
 
@@ -95,25 +98,24 @@ def run_all(
     running their own discovery (`runner` defaults to `run`; the daemon wraps it to track runs).
     """
     sessions: dict[str, Session] = {}
-    all_options = [options(spec) if callable(options) else dataclasses.replace(options) for spec in specs]
-    for spec, opts in zip(specs, all_options, strict=True):
-        opts.session = sessions.setdefault(spec.target_name, Session())
+    all_options = [options(spec) if callable(options) else options for spec in specs]
+    surveyed: dict[int, Surveyed] = {}
     surveyed_groups: set[tuple[str, str]] = set()
     results = []
     try:
-        for spec, opts in zip(specs, all_options, strict=True):
+        for number, (spec, opts) in enumerate(zip(specs, all_options, strict=True)):
             if opts.cancel is not None and opts.cancel.is_set():
                 break
+            session = sessions.setdefault(spec.target_name, Session())
             group = (spec.job.name, spec.target_name)
             if spec.unit.has_block("survey") and group not in surveyed_groups:
                 surveyed_groups.add(group)
-                members = [
-                    (s, o) for s, o in zip(specs, all_options, strict=True) if (s.job.name, s.target_name) == group
-                ]
-                found = survey_items([s for s, _ in members], opts)
-                for index, settled in settle(members, found).items():
-                    members[index][1].surveyed = settled
-            results.append((runner or run)(spec, opts))
+                members = [i for i, s in enumerate(specs) if (s.job.name, s.target_name) == group]
+                pairs = [(specs[i], all_options[i]) for i in members]
+                found = survey_items([s for s, _ in pairs], opts, session)
+                for index, settled in settle(pairs, found, session).items():
+                    surveyed[members[index]] = settled
+            results.append((runner or run)(spec, opts, session=session, surveyed=surveyed.get(number)))
     finally:
         for session in sessions.values():
             session.close()
@@ -124,13 +126,23 @@ class Cancelled(Exception):
     pass
 
 
-def run(spec: RunSpec, options: RunOptions | None = None) -> RunResult:
-    """Run (or plan) one unit on one target for one item; never raises for run-time problems."""
-    return _Run(spec, options or RunOptions()).execute()
+def run(
+    spec: RunSpec,
+    options: RunOptions | None = None,
+    *,
+    session: Session | None = None,
+    surveyed: Surveyed | None = None,
+) -> RunResult:
+    """Run (or plan) one unit on one target for one item; never raises for run-time problems.
+
+    `session`: connections shared with the other items of the same (job, target) (None: a fresh
+    pair). `surveyed`: what `run_all` settled for an item the unit's survey vouched for (nothing
+    to do), recorded instead of a full run."""
+    return _Run(spec, options or RunOptions(), session, surveyed).execute()
 
 
 class _Run:
-    def __init__(self, spec: RunSpec, options: RunOptions) -> None:
+    def __init__(self, spec: RunSpec, options: RunOptions, session: Session | None, surveyed: Surveyed | None) -> None:
         self.spec = spec
         self.opts = options
         self.unit = spec.unit
@@ -149,8 +161,9 @@ class _Run:
         self.recorded = False
         self.locked = False
         self.step_batches = 0  # of the step being applied (repeated steps: one per batch that changed rows)
-        self.owns_session = options.session is None
-        self.session = options.session or Session()
+        self.owns_session = session is None
+        self.session = session or Session()
+        self.surveyed = surveyed
         self.pacer = Pacer(None if options.dry_run else spec.throttle, cancel=options.cancel, on_wait=self._waiting)
         self.throttle_stop: str | None = None  # why pacing stopped the run at a safe point
         self.executor = Executor(
@@ -194,8 +207,8 @@ class _Run:
                 f"target {spec.target_name!r} is declared pooled; unit {unit.name!r} runs DDL and needs a direct "
                 "connection (set a direct dsn for this target)"
             )
-        if self.opts.surveyed is not None:
-            self._execute_surveyed(self.opts.surveyed)
+        if self.surveyed is not None:
+            self._execute_surveyed(self.surveyed)
             return
         self.conn = self._connect()
         if self.session.in_recovery(self.conn):

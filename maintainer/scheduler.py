@@ -21,6 +21,7 @@ exit; SIGHUP reloads the configuration (an invalid one is refused, the old one s
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as dt
 import logging
 import os
@@ -53,6 +54,8 @@ from maintainer.project import Project, RunSpec, load_project, parse_args
 from maintainer.report import latest_runs
 from maintainer.results import RunResult, exit_code
 from maintainer.runner import RunOptions, run, run_all
+from maintainer.session import Session
+from maintainer.survey import Surveyed
 
 log = logging.getLogger("maintainer")
 
@@ -345,7 +348,9 @@ class Daemon:
 
         return on_locked
 
-    def _run(self, spec: RunSpec, options: RunOptions) -> RunResult:
+    def _run(
+        self, spec: RunSpec, options: RunOptions, *, session: Session | None = None, surveyed: Surveyed | None = None
+    ) -> RunResult:
         """One run, tracked so a shutdown can wait for it and cancel its statement."""
         token = object()
 
@@ -353,11 +358,10 @@ class Daemon:
             with self._idle:
                 self._active[token] = conn
 
-        options.on_connect = remember
         with self._idle:
             self._active[token] = None
         try:
-            result = run(spec, options)
+            result = run(spec, dataclasses.replace(options, on_connect=remember), session=session, surveyed=surveyed)
         finally:
             with self._idle:
                 del self._active[token]
@@ -423,8 +427,10 @@ class Daemon:
             while len(self._triggers) > KEEP_TRIGGERS:
                 self._triggers.popitem(last=False)
 
-        def tracked(spec: RunSpec, options: RunOptions) -> RunResult:
-            result = self._run(spec, options)
+        def tracked(
+            spec: RunSpec, options: RunOptions, *, session: Session | None = None, surveyed: Surveyed | None = None
+        ) -> RunResult:
+            result = self._run(spec, options, session=session, surveyed=surveyed)
             trigger.results.append(result)  # visible to GET /trigger/<id> while the rest still runs
             return result
 

@@ -19,7 +19,7 @@ from maintainer.errors import MaintainerError
 from maintainer.ledger import IdleRun
 from maintainer.project import RunSpec, loggable_params
 from maintainer.results import Status, json_safe
-from maintainer.session import timeouts_of
+from maintainer.session import Session, timeouts_of
 from maintainer.units import render_select
 
 if TYPE_CHECKING:
@@ -41,7 +41,7 @@ class Surveyed:
     run_id: int | None = None
 
 
-def survey_items(specs: list[RunSpec], options: RunOptions) -> dict[int, dict[str, Any]]:
+def survey_items(specs: list[RunSpec], options: RunOptions, session: Session) -> dict[int, dict[str, Any]]:
     """Run the unit's `survey` block once over the items of one (job, target).
 
     The block gets `items` (`index`, `params`, `item`) and returns one row per item it can prove has
@@ -49,10 +49,9 @@ def survey_items(specs: list[RunSpec], options: RunOptions) -> dict[int, dict[st
     shortcut: when it fails, or on a replica, every item runs in full and meets the problem there.
     """
     unit, first = specs[0].unit, specs[0]
-    assert options.session is not None
     try:
-        conn = options.session.work_connection(first, on_connect=options.on_connect)
-        if options.session.in_recovery(conn):
+        conn = session.work_connection(first, on_connect=options.on_connect)
+        if session.in_recovery(conn):
             return {}
         lock_timeout, statement_timeout = timeouts_of(first)
         db.set_timeouts(conn, lock_timeout=lock_timeout, statement_timeout=statement_timeout)
@@ -83,7 +82,9 @@ def survey_items(specs: list[RunSpec], options: RunOptions) -> dict[int, dict[st
     return found
 
 
-def settle(members: list[tuple[RunSpec, RunOptions]], found: dict[int, dict[str, Any]]) -> dict[int, Surveyed]:
+def settle(
+    members: list[tuple[RunSpec, RunOptions]], found: dict[int, dict[str, Any]], session: Session
+) -> dict[int, Surveyed]:
     """Lock, check (`on_locked`) and record the vouched-for items of a group in one batch: one
     statement takes their advisory locks, one writes their ledger records, one releases the locks,
     instead of a full run each. Anything going wrong here leaves them to run in full."""
@@ -92,8 +93,7 @@ def settle(members: list[tuple[RunSpec, RunOptions]], found: dict[int, dict[str,
     first, options = members[0]
     if options.dry_run:
         return {index: Surveyed(finding) for index, finding in found.items()}
-    session = options.session
-    assert session is not None and session.conn is not None
+    assert session.conn is not None
     indexes = sorted(found)
     keys = [members[i][0].lock_key for i in indexes]
     conn = session.conn

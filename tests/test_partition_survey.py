@@ -79,7 +79,7 @@ def test_the_survey_vouches_exactly_for_the_tables_a_full_run_leaves_alone(works
     project = load_project(str(workspace.config))
     specs = project.run_specs(project.job("partitions"))
     with Session() as session:
-        vouched = survey_items(specs, RunOptions(session=session))
+        vouched = survey_items(specs, RunOptions(), session)
     expected = {i for i, (_, idle) in enumerate(STATES.values()) if idle}
     assert set(vouched) == expected, sorted(list(STATES)[i] for i in set(vouched) ^ expected)
 
