@@ -126,6 +126,17 @@ def test_the_days_rule_raises_a_level_the_ratio_rule_leaves_ok(workspace: Worksp
     assert 300 < last["days_left"] < 1000 and last["level"] == "warn"
 
 
+def test_a_sequence_that_will_not_run_out_in_a_lifetime_says_so(workspace: Workspace, db: Database) -> None:
+    db.run_script("CREATE SCHEMA fc; CREATE TABLE fc.orders (id bigserial PRIMARY KEY);")
+    workspace.job("sequences", unit="sequences", params=SEQUENCE_PARAMS)
+    with Pacer(db, CONSUME, per_second=50):
+        history = runs_apart(workspace, "sequences", 3, gap=1.5)
+    last = orders_finding(history[-1])
+    # 9.2e18 values at a few million a day: billions of days, said as what they mean
+    assert last["days_left"] > 1e9 and last["level"] == "ok"
+    assert last["forecast"].startswith("Exhausts in more than 100 years at "), last["forecast"]
+
+
 def test_a_setval_backwards_mid_history_gives_no_negative_or_absurd_rate(orders: Workspace, db: Database) -> None:
     with Pacer(db, CONSUME, per_second=2000) as pacer:
         history = runs_apart(orders, "sequences", 2, gap=1.5)
