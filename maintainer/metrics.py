@@ -17,7 +17,7 @@ import logging
 import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -163,7 +163,7 @@ class Metrics:
         self.registry.register(self.findings)
         # What the run-time gauges hold, so that values read from the ledger at start never
         # overwrite a run that finished meanwhile (the restore runs next to the first runs).
-        self._finished: dict[tuple[str, str, str], float] = {}
+        self._finished: dict[tuple[Literal["run", "success"], str, str], float] = {}
         self._finished_lock = threading.Lock()
 
     def observe(self, unit: Unit, result: RunResult) -> None:
@@ -190,7 +190,7 @@ class Metrics:
         if last_success is not None:
             self._set_finished("success", job, target, last_success)
 
-    def _set_finished(self, which: str, job: str, target: str, at: float) -> None:
+    def _set_finished(self, which: Literal["run", "success"], job: str, target: str, at: float) -> None:
         gauge = self.last_success if which == "success" else self.last_run
         with self._finished_lock:
             if at >= self._finished.get((which, job, target), float("-inf")):
