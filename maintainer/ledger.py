@@ -355,31 +355,22 @@ class Ledger:
         return [dict(r) for r in rows]
 
     def last_runs(self) -> dict[tuple[str, str], dict[str, Any]]:
-        """The newest finished run per (job, target), for `maintainer jobs`."""
+        """The newest finished run per (job, target) (`status`, `started_at`, `finished_at`: for
+        `maintainer jobs` and the daemon's catch-up), with when a run of it last finished ok or
+        failed (`last_finished`) and last finished ok (`last_success`): what the daemon's run-time
+        gauges showed before a restart."""
         if self.current_version() == 0:
             return {}
         rows = self.conn.execute(
             sql.SQL(
-                "SELECT DISTINCT ON (job, target) job, target, status, started_at, finished_at"
-                " FROM {}.run WHERE status <> 'running' ORDER BY job, target, started_at DESC"
+                "SELECT DISTINCT ON (job, target) job, target, status, started_at, finished_at,"
+                " max(finished_at) FILTER (WHERE status IN ('ok', 'failed')) OVER w AS last_finished,"
+                " max(finished_at) FILTER (WHERE status = 'ok') OVER w AS last_success"
+                " FROM {}.run WHERE status <> 'running'"
+                " WINDOW w AS (PARTITION BY job, target) ORDER BY job, target, started_at DESC"
             ).format(self._s)
         ).fetchall()
         return {(r["job"], r["target"]): dict(r) for r in rows}
-
-    def finish_times(self) -> dict[tuple[str, str], tuple[datetime | None, datetime | None]]:
-        """When a run of each (job, target) last finished (ok or failed), and last finished ok:
-        what the daemon's run-time gauges showed before a restart."""
-        if self.current_version() == 0:
-            return {}
-        rows = self.conn.execute(
-            sql.SQL(
-                "SELECT job, target,"
-                " max(finished_at) FILTER (WHERE status IN ('ok', 'failed')) AS last_run,"
-                " max(finished_at) FILTER (WHERE status = 'ok') AS last_success"
-                " FROM {}.run WHERE finished_at IS NOT NULL GROUP BY job, target"
-            ).format(self._s)
-        ).fetchall()
-        return {(r["job"], r["target"]): (r["last_run"], r["last_success"]) for r in rows}
 
     def ran_since(self, job: str, target: str, item: str | None, since: datetime) -> bool:
         """Whether a scheduled run of (job, target, item) started at or after `since` (skipped

@@ -269,12 +269,14 @@ class Daemon:
                     unit = project.units.get(latest.unit)
                     if latest.target == name and unit is not None and latest.job in project.jobs:
                         self.metrics.findings.seed(unit, latest.job, name, latest.item, latest.findings)
-                ledger = Ledger(conn, project.settings.state_schema)
-                for (job_name, target_name), (last_run, last_success) in ledger.finish_times().items():
+                last = Ledger(conn, project.settings.state_schema).last_runs()
+                for (job_name, target_name), newest in last.items():
                     if target_name == name and job_name in project.jobs:
-                        self.metrics.seed_finish_times(job_name, name, _epoch(last_run), _epoch(last_success))
+                        self.metrics.seed_finish_times(
+                            job_name, name, _epoch(newest["last_finished"]), _epoch(newest["last_success"])
+                        )
                 if project.settings.scheduler.catch_up:
-                    self._catch_up(name, ledger.last_runs(), now)
+                    self._catch_up(name, last, now)
             except psycopg.Error as exc:
                 log.warning(f"target {name}: cannot read its ledger at start: {db.error_summary(exc)}",
                             extra={"target": name})
