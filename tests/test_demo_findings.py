@@ -69,7 +69,7 @@ def test_sample_jobs_find_and_do_what_the_snapshot_recorded(tmp_path: Path) -> N
     with LocalCluster(kind) as cluster:
         with psycopg.connect(cluster.dsn(), autocommit=True) as conn:
             conn.execute("CREATE DATABASE lightfast")
-        load_sample(cluster.dsn("lightfast"), Console(file=open(os.devnull, "w")))  # noqa: SIM115
+        load_sample(cluster.dsn("lightfast"), Console(quiet=True))
         config = write_config(tmp_path, cluster.dsn("lightfast"))
         runs = trigger_every_sample_job(config)
     got = normalized(runs, today=dt.datetime.now(dt.UTC).date())
