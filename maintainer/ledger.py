@@ -226,29 +226,26 @@ class Ledger:
         its lock as interrupted, as `start_run` does. Returns the run ids in order."""
         if not runs:
             return []
-        columns = (
-            [r.job for r in runs],
-            [r.unit for r in runs],
-            [r.target for r in runs],
-            [r.item for r in runs],
-            [r.lock_key for r in runs],
-            [r.trigger for r in runs],
-            [who_triggered(r.trigger) for r in runs],
-            [r.status for r in runs],
-            [to_jsonb(r.params) for r in runs],
-            [r.reason for r in runs],
-            [r.finding.get(r.level_field) if r.finding and r.level_field else None for r in runs],
-            [to_jsonb(r.finding) if r.finding is not None else None for r in runs],
-            [to_jsonb(r.observed) if r.observed is not None else None for r in runs],
-        )
+        # One JSON document for all of them (dumped by the json module's C code): psycopg's array
+        # dumper escapes every element in Python, which cost ~50 ms per 200 items.
+        document = to_jsonb([
+            {
+                "job": r.job, "unit": r.unit, "target": r.target, "item": r.item, "lock_key": r.lock_key,
+                "trigger": r.trigger, "triggered_by": who_triggered(r.trigger), "status": r.status,
+                "params": r.params, "reason": r.reason,
+                "level": r.finding.get(r.level_field) if r.finding and r.level_field else None,
+                "finding": r.finding, "observed": r.observed,
+            }
+            for r in runs
+        ])
         rows = self.conn.execute(
             sql.SQL(
                 "WITH input AS MATERIALIZED ("
-                " SELECT u.*, nextval(pg_get_serial_sequence({run_table}, 'id')) AS id"
-                " FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::bigint[], %s::text[], %s::text[],"
-                " %s::text[], %s::jsonb[], %s::text[], %s::text[], %s::jsonb[], %s::jsonb[]) WITH ORDINALITY"
-                " AS u(job, unit, target, item, lock_key, trigger, triggered_by, status, params, reason, level,"
-                " finding, observed, n)),"
+                " SELECT u.*, e.n, nextval(pg_get_serial_sequence({run_table}, 'id')) AS id"
+                " FROM jsonb_array_elements(%s) WITH ORDINALITY AS e(doc, n),"
+                " jsonb_to_record(e.doc) AS u(job text, unit text, target text, item text, lock_key bigint,"
+                " trigger text, triggered_by text, status text, params jsonb, reason text, level text,"
+                " finding jsonb, observed jsonb)),"
                 " leftover AS ("
                 " UPDATE {s}.run r SET status = 'interrupted', finished_at = now(), error = %s"
                 " FROM (SELECT DISTINCT lock_key FROM input WHERE status = 'ok') i"
@@ -257,13 +254,13 @@ class Ledger:
                 " INSERT INTO {s}.run (id, job, unit, target, item, lock_key, trigger, triggered_by, host, status,"
                 " params, error, finished_at, attempts, observed) OVERRIDING SYSTEM VALUE"
                 " SELECT id, job, unit, target, item, lock_key, trigger, triggered_by, %s, status, params, reason,"
-                " now(), 1, observed FROM input),"
+                " now(), 1, nullif(observed, 'null') FROM input),"
                 " new_finding AS ("
                 " INSERT INTO {s}.finding (run_id, seq, level, data)"
-                " SELECT id, 1, level, finding FROM input WHERE finding IS NOT NULL)"
+                " SELECT id, 1, level, finding FROM input WHERE finding IS NOT NULL AND finding <> 'null')"
                 " SELECT id FROM input ORDER BY n"
             ).format(s=self._s, run_table=sql.Literal(quote_ident(self.schema, "run"))),
-            (*columns, INTERRUPTED, socket.gethostname()),
+            (document, INTERRUPTED, socket.gethostname()),
         ).fetchall()
         return [int(row["id"]) for row in rows]
 

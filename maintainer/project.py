@@ -6,12 +6,14 @@ import datetime as dt
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from maintainer.config import ConfigError, Job, Settings, Target, Throttle, config_path, load_jobs, load_settings
 from maintainer.db import advisory_key
 from maintainer.render import ArgValue
+from maintainer.results import json_safe
 from maintainer.units import Unit, UnitError, load_units
 from maintainer.values import QualifiedName
 
@@ -28,11 +30,18 @@ class RunSpec:
     params: dict[str, Any]
     settings: Settings
 
-    @property
+    # A spec's item and params never change once validated: what is derived from them is computed
+    # once (a steady pass over hundreds of items asks for each several times).
+    @cached_property
     def item_label(self) -> str | None:
         return item_label(self.item)
 
-    @property
+    @cached_property
+    def logged_params(self) -> dict[str, Any]:
+        """The params as the ledger keeps them: secrets masked, JSON values."""
+        return cast(dict[str, Any], json_safe(loggable_params(self.params)))
+
+    @cached_property
     def lock_key(self) -> int:
         """The session advisory lock of this (job, target, item), the same in every replica."""
         return advisory_key(self.job.name, self.target_name, self.item_label or "")

@@ -20,8 +20,18 @@ LEVEL_STYLE: dict[str, str] = {
 }
 
 
+_JSON_SCALARS = frozenset({str, int, float, bool, type(None)})
+
+
 def json_safe(value: Any) -> Any:
     """Database values as JSON values: Decimal → number, timestamps → ISO-8601, etc."""
+    # Most values are JSON already: answer those before the chain of isinstance tests (a steady
+    # pass converts every finding of hundreds of items).
+    kind = type(value)
+    if kind in _JSON_SCALARS:
+        return value
+    if kind is dict:
+        return {str(k): json_safe(v) for k, v in value.items()}
     if isinstance(value, decimal.Decimal):
         return int(value) if value == value.to_integral_value() and abs(value) < 2**63 else float(value)
     if isinstance(value, dt.datetime | dt.date | dt.time):

@@ -27,7 +27,7 @@ from maintainer.errors import RunFailed
 from maintainer.executor import Executor, Outcome, merge_actions
 from maintainer.ledger import Ledger
 from maintainer.pacing import Pacer, Throttled
-from maintainer.project import RunSpec, loggable_params
+from maintainer.project import RunSpec
 from maintainer.render import ArgValue, RenderError
 from maintainer.results import Action, RunResult, json_safe, merge_findings
 from maintainer.session import Session, retry_delay, timeouts_of
@@ -235,7 +235,7 @@ class _Run:
                     item=spec.item_label,
                     lock_key=self.lock_key,
                     trigger=self.opts.trigger,
-                    params=json_safe(loggable_params(spec.params)),
+                    params=spec.logged_params,
                 )
             )
         db.set_timeouts(self.conn, lock_timeout=self.lock_timeout, statement_timeout=self.statement_timeout)
@@ -621,7 +621,7 @@ class _Run:
                     lambda ledger: ledger.start_run(
                         job=self.spec.job.name, unit=self.unit.name, target=self.spec.target_name,
                         item=self.spec.item_label, lock_key=self.lock_key, trigger=self.opts.trigger,
-                        params=json_safe(loggable_params(self.spec.params)),
+                        params=self.spec.logged_params,
                     )
                 )
                 self._write_ledger(lambda ledger: finish(ledger, run_id))

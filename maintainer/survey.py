@@ -17,8 +17,8 @@ from maintainer import context as render_context
 from maintainer import db, pooler
 from maintainer.errors import MaintainerError
 from maintainer.ledger import IdleRun
-from maintainer.project import RunSpec, loggable_params
-from maintainer.results import Status, json_safe
+from maintainer.project import RunSpec
+from maintainer.results import Status
 from maintainer.session import Session, timeouts_of
 from maintainer.units import render_select
 
@@ -113,7 +113,7 @@ def settle(
                 settled[index] = Surveyed(found[index], "skipped" if reason else "ok", reason)
                 records.append(IdleRun(
                     job=spec.job.name, unit=spec.unit.name, target=spec.target_name, item=spec.item_label,
-                    lock_key=key, trigger=opts.trigger, params=json_safe(loggable_params(spec.params)),
+                    lock_key=key, trigger=opts.trigger, params=spec.logged_params,
                     status=settled[index].status, reason=reason, finding=found[index] if not reason else None,
                     level_field=spec.unit.level_field,
                     observed=spec.unit.observations([found[index]]) if not reason else None,
