@@ -85,7 +85,9 @@ def parse_literal(text: str) -> dt.datetime:
 
 
 def creates(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return sorted((r for r in rows if r["kind"] == "create"), key=lambda r: parse_literal(r["lower"]))
+    """Every range the plan creates (a `create` step stands for a batch of them, in `parts`)."""
+    ranges = [{**r, **part} for r in rows if r["kind"] == "create" for part in r["parts"]]
+    return sorted(ranges, key=lambda r: parse_literal(r["lower"]))
 
 
 # -- properties --------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 from maintainer.pgserver import LocalCluster, ServerKind, available_kinds
-from tests.conftest import Database, Workspace
+from tests.conftest import Database, Workspace, release_after_the_first_timeout
 from tests.test_partitions import month, monthly_table, only, runs, suffix
 from tests.test_reindex import by_index, make_table
 from tests.test_reindex import run as run_reindex
@@ -153,6 +153,39 @@ def test_a_detach_cut_by_lock_timeout_is_finalized_not_detached_again(workspace:
     assert db.execute("SELECT to_regclass(%s)", (expired,)) == [(None,)]
     assert db.execute("SELECT count(*) FROM pg_inherits WHERE inhdetachpending") == [(0,)]
     assert db.execute("SELECT status FROM maintainer.run") == [("ok",)]
+
+
+# -- a batch of creations whose ATTACHes are cut by lock_timeout ---------------------------------
+
+@pytest.mark.parametrize("default", [False, True], ids=["no-default", "empty-default"])
+def test_a_batch_cut_at_attach_is_resumed_whole_without_creating_twice(
+    workspace: Workspace, db: Database, default: bool
+) -> None:
+    monthly_table(db, "batched", range(0, 1), default=default)
+    workspace.write_config(defaults={"lock_timeout": "200ms", "retry_backoff": "50ms", "max_attempts": 4})
+    workspace.job("partitions", unit="partitions", params={"premake": 3},
+                  items=[{"table": "public.batched", "interval": "1 month"}])
+    holder = db.connect()
+    holder.autocommit = False
+    holder.execute("LOCK TABLE batched IN SHARE UPDATE EXCLUSIVE MODE")  # the ATTACHes must wait
+    releaser = release_after_the_first_timeout(db, holder, "batched")
+    try:
+        run, finding = only(runs(workspace, "partitions"))
+    finally:
+        releaser.join(timeout=60)
+        holder.close()
+    assert run["status"] == "ok", run["error"]
+    statements = [a["sql"] for a in run["actions"]]
+    # the three tables were created once, in one transaction; the failed ATTACH transaction was
+    # tried again whole after recheck found the tables (resumed: no second CREATE)
+    assert sum(s.startswith("CREATE TABLE") for s in statements) == 3
+    attaches = [a for a in run["actions"] if "ATTACH PARTITION" in a["sql"]]
+    assert [a["status"] for a in attaches[-3:]] == ["ok"] * 3
+    assert any(a["status"] == "failed" and a["sqlstate"] == "55P03" for a in run["actions"])
+    assert finding["created"] == 3 and finding["partitions_ahead"] == 3 and finding["level"] == "ok"
+    attached = db.execute("SELECT count(*) FROM pg_inherits WHERE inhparent = 'batched'::regclass")
+    assert attached == [(5 if default else 4,)]
+    assert db.execute("SELECT count(*) FROM pg_constraint WHERE conname LIKE 'maintainer%%'") == [(0,)]
 
 
 # -- REINDEX CONCURRENTLY cut by lock_timeout ---------------------------------------------------
