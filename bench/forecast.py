@@ -3,10 +3,11 @@
 1. Error. Synthetic histories of a counter consumed at a long-run rate r over a week of hourly
    runs, in four shapes: steady; bursty (each hour consumes 10 r with probability 1/10, else
    nothing); a weekly cycle (weekdays 1.3 r, weekends 0.25 r: r on average); a reset (steady, set
-   back to a low value on a random day). The runs a forecast reads are picked as
-   `Ledger.forecast_runs` does (the oldest run of each of 6 slices of the window, plus the run
-   of now), and the rate is measured by the real SQL of `templates/lib/forecast.sql.j2`. The error
-   of `days_left` is |r / rate - 1|; for comparison, the naive rate of the last two runs.
+   back to a low value on a random day). Each hourly run is recorded in a real ledger as the
+   runner records it (`Ledger.finish_run`, which keeps where each key's stretch began), the runs a
+   forecast reads are picked by `Ledger.forecast_runs`, and the rate is measured by the real SQL of
+   `templates/lib/forecast.sql.j2` (`observed`, `fit`). The error of `days_left` is
+   |r / rate - 1|; for comparison, the naive rate of the last two runs.
 2. Cost. One throwaway cluster, 5,000 sequences (serial and identity columns), a
    ledger holding a week of earlier runs (each sequence consumed a value an hour): the wall time and
    the machine's CPU time of a whole `sequences` run (`run()`, as `maintainer trigger` does) with
@@ -27,29 +28,33 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 import psycopg
 import yaml
+from psycopg.rows import dict_row
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from maintainer import runner
-from maintainer.ledger import FORECAST_POINTS
+from maintainer.ledger import Ledger
 from maintainer.pgserver import LocalCluster, available_kinds
 from maintainer.project import load_project
 from maintainer.units import Unit, parse_unit, split_statements
 
 FIT_UNIT = """---
-description: the forecast library's fit over the bench's points
+description: the forecast library over the bench's ledger and the values of now
 params:
   min_span: {type: duration, default: 1h}
 ---
-{% from "lib/forecast.sql.j2" import fit %}
+{% from "lib/forecast.sql.j2" import observed, fit %}
 {% block discover %}
-WITH points AS (SELECT key, at, v FROM bench_points),
+WITH points AS (
+    SELECT o.key, o.at, o.v FROM ({{ observed(history, state_schema) }}) o
+    UNION ALL
+    SELECT key::text, at, v FROM bench_points
+),
 rates AS ({{ fit('points', params.min_span) }})
-SELECT key, rate_per_day FROM rates ORDER BY key
+SELECT key::int, rate_per_day FROM rates ORDER BY key
 {% endblock %}
 """
 
@@ -77,47 +82,59 @@ def history(shape: str, rng: random.Random) -> list[tuple[float, float]]:
     return points
 
 
-def picked(points: list[tuple[float, float]], slices: int) -> list[tuple[float, float]]:
-    """The earlier runs `Ledger.forecast_runs` would hand over, plus the current observation."""
-    earlier, now = points[:-1], points[-1]
-    lo, hi = earlier[0][0], now[0]
-    chosen: dict[int, tuple[float, float]] = {}
-    for at, value in earlier:
-        chosen.setdefault(min(int((at - lo) / (hi - lo) * slices), slices - 1), (at, value))
-    return [chosen[k] for k in sorted(chosen)] + [now]
+# The forecast's window: a week, and a little more, so that the week's first run is still in it
+# after the seconds the bench takes to record the week.
+WINDOW = dt.timedelta(days=7, minutes=30)
 
 
-def bench_error(conn: psycopg.Connection[Any], trials: int) -> dict[str, tuple[float, float, float]]:
+def bench_error(dsn: str, trials: int) -> dict[str, tuple[float, float, float]]:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "fit.sql.j2"
         path.write_text(FIT_UNIT)
         unit = parse_unit(path)
-    text, values = unit.render_block("discover", {"params": unit.validate_params({}, "bench"), "args": {}})
-    statement = split_statements(text, values)[0]
-    conn.execute("CREATE TEMP TABLE bench_points (key int, at timestamptz, v numeric)")
-    now = dt.datetime.now(dt.UTC)
+    params = unit.validate_params({}, "bench")
     truth = RATE_PER_HOUR * 24
     results = {}
-    for shape in ("steady", "bursty", "weekly", "reset"):
-        rng = random.Random(42)
-        series = [history(shape, rng) for _ in range(trials)]
-        conn.execute("TRUNCATE bench_points")
-        with conn.cursor().copy("COPY bench_points (key, at, v) FROM STDIN") as copy:
-            for key, points in enumerate(series):
-                for at, value in picked(points, FORECAST_POINTS):
-                    copy.write_row((key, now + dt.timedelta(seconds=at), value))
-        started = time.perf_counter()
-        with psycopg.RawCursor(conn) as cur:
-            cur.execute(statement.sql, statement.params)
-            rates = {row[0]: row[1] for row in cur.fetchall()}
-        seconds = time.perf_counter() - started
-        errors = [abs(truth / float(rates[k]) - 1) if rates.get(k) else float("inf") for k in range(trials)]
-        naive = []
-        for points in series:
-            (t0, v0), (t1, v1) = points[-2], points[-1]
-            rate = (v1 - v0) / (t1 - t0) * 86400
-            naive.append(abs(truth / rate - 1) if rate > 0 else float("inf"))
-        results[shape] = (statistics.median(errors), statistics.median(naive), seconds)
+    with psycopg.connect(dsn, autocommit=True, row_factory=dict_row) as conn:
+        ledger = Ledger(conn, "bench_ledger")
+        ledger.ensure()
+        conn.execute("CREATE TEMP TABLE bench_points (key int, at timestamptz, v numeric)")
+        for shape in ("steady", "bursty", "weekly", "reset"):
+            rng = random.Random(42)
+            series = [history(shape, rng) for _ in range(trials)]
+            now = dt.datetime.now(dt.UTC)
+            # every run of the week but now's, recorded as the runner records a run
+            newest = None
+            for hour, (at, _) in enumerate(series[0][:-1]):
+                run_id = ledger.start_run(job=shape, unit="fit", target="bench", item=None, lock_key=hour,
+                                          trigger="bench", params={})
+                conn.execute("UPDATE bench_ledger.run SET started_at = %s WHERE id = %s",
+                             (now + dt.timedelta(seconds=at), run_id))
+                ledger.finish_run(run_id, status="ok", attempts=1, sqlstate=None, error=None, actions=[],
+                                  findings=[], summary=None, level_field=None,
+                                  observed={str(key): points[hour][1] for key, points in enumerate(series)},
+                                  observed_since=(newest, WINDOW) if newest is not None else None)
+                newest = run_id
+            context = {"params": params, "args": {}, "state_schema": "bench_ledger",
+                       "history": ledger.forecast_runs(shape, "bench", None, window=WINDOW)}
+            text, values = unit.render_block("discover", context)
+            statement = split_statements(text, values)[0]
+            conn.execute("TRUNCATE bench_points")
+            with conn.cursor().copy("COPY bench_points (key, at, v) FROM STDIN") as copy:
+                for key, points in enumerate(series):
+                    copy.write_row((key, now, points[-1][1]))
+            started = time.perf_counter()
+            with psycopg.RawCursor(conn) as cur:
+                cur.execute(statement.sql, statement.params)
+                rates = {row["key"]: row["rate_per_day"] for row in cur.fetchall()}
+            seconds = time.perf_counter() - started
+            errors = [abs(truth / float(rates[k]) - 1) if rates.get(k) else float("inf") for k in range(trials)]
+            naive = []
+            for points in series:
+                (t0, v0), (t1, v1) = points[-2], points[-1]
+                rate = (v1 - v0) / (t1 - t0) * 86400
+                naive.append(abs(truth / rate - 1) if rate > 0 else float("inf"))
+            results[shape] = (statistics.median(errors), statistics.median(naive), seconds)
     return results
 
 
@@ -218,8 +235,7 @@ def main() -> None:
     kind = next(k for k in available_kinds() if k.name == "pg18-embedded")
     with LocalCluster(kind) as cluster:
         dsn = cluster.dsn()
-        with psycopg.connect(dsn, autocommit=True) as conn:
-            errors = bench_error(conn, args.trials)
+        errors = bench_error(dsn, args.trials)
         print(f"forecast error of days_left, median over {args.trials} histories per shape (PostgreSQL 18):")
         print(f"{'shape':<8} {'forecast':>9} {'last two runs':>14} {'fit time':>9}")
         for shape, (error, naive, seconds) in errors.items():

@@ -41,9 +41,8 @@ NAMES: tuple[ContextName, ...] = (
     ContextName("ledger_exists", ITEM_BLOCKS, "whether the ledger tables exist (a dry run on a new target has none)"),
     ContextName("history", ITEM_BLOCKS,
                 "for units with `forecast` front matter: earlier `ok` runs of this job, target and item whose "
-                "observations a forecast reads, `[{run_id, observed_at}]` oldest first (at most one per slice of "
-                "`forecast_window`, so replicas that ran together count once); `[]` without a ledger or in "
-                "other units"),
+                "observations a forecast reads, `[{run_id, observed_at}]` oldest first (the oldest and the newest "
+                "within `forecast_window`); `[]` without a ledger or in other units"),
     ContextName("items", ("survey",), "each item of the job: `{index, params, item}`"),
     ContextName("prepared", ITEM_BLOCKS, "the first row of `prepare` (`{}` before it has run, or without one)"),
     ContextName("row", ITEM_BLOCKS, "in `apply` and `recheck`, the step's finding (the discover row); `{}` elsewhere"),

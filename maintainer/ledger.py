@@ -32,8 +32,37 @@ if TYPE_CHECKING:
 
 LEDGER_VERSION = 2
 
-# Earlier runs a forecast reads at most (see `Ledger.forecast_runs`).
-FORECAST_POINTS = 6
+# What a run keeps of its observations (`run.observed`) when it read an earlier run's (`%(since)s`,
+# within `%(window)s`): each key's value as the runner hands it over (`%(observed)s`, `{key: value}`),
+# or `[value, since, since_value]` where the key's current stretch began (the run, as an epoch,
+# and the value there) when that was within the window: the key is new since that earlier run or its
+# value went backwards (a reset: setval, RESTART, a restore) now, or the earlier run already carried
+# a stretch that began within the window. A plain value says the stretch began before the oldest
+# run of the window (or at the first run: no earlier one), so a later forecast measures from that
+# oldest run (lib/forecast.sql.j2 `observed`). Computed here, in the statement that keeps it, so
+# the unit's query reads only the two runs it needs and the runner never loads a document.
+OBSERVED_SINCE = """
+    SELECT CASE WHEN i.now IS NULL OR i.since IS NULL THEN i.now
+                ELSE i.now || coalesce((
+                    SELECT jsonb_object_agg(
+                               n.key,
+                               CASE WHEN p.value IS NULL OR n.value::numeric < p.v
+                                    THEN jsonb_build_array(n.value, i.at, n.value)
+                                    ELSE jsonb_build_array(n.value, p.value -> 1, p.value -> 2) END)
+                      FROM jsonb_each(i.now) n
+                      LEFT JOIN (SELECT e.key, e.value,
+                                        CASE WHEN jsonb_typeof(e.value) = 'array' THEN (e.value ->> 0)::numeric
+                                             ELSE e.value::numeric END AS v
+                                   FROM {s}.run r, jsonb_each(r.observed) e
+                                  WHERE r.id = i.since) p ON p.key = n.key
+                     WHERE p.value IS NULL
+                        OR n.value::numeric < p.v
+                        OR (jsonb_typeof(p.value) = 'array' AND (p.value ->> 1)::numeric >= i.at - i.horizon)), '{{}}')
+           END
+      FROM (SELECT %(observed)s::jsonb AS now, %(since)s::bigint AS since,
+                   extract(epoch FROM %(window)s::interval) AS horizon,
+                   (SELECT extract(epoch FROM r.started_at) FROM {s}.run r WHERE r.id = %(run_id)s) AS at) i
+"""
 
 INTERRUPTED = "interrupted: the process ended before the run finished"
 
@@ -277,49 +306,56 @@ class Ledger:
         summary: dict[str, Any] | None,
         level_field: str | None,
         observed: dict[str, Any] | None = None,
+        observed_since: tuple[int, timedelta] | None = None,
     ) -> bool:
         """Complete a run's record; False when no record `run_id` exists here (it was written on a
-        server whose last commits a failover lost, or the ledger was restored from a backup)."""
+        server whose last commits a failover lost, or the ledger was restored from a backup).
+        `observed_since`: the earlier run (id) a forecast of this run read its values from and the
+        forecast's window, to keep where each key's stretch began (see `OBSERVED_SINCE`)."""
         # One statement, so one round trip and atomic without BEGIN/COMMIT: the run's outcome, its
         # actions and its findings. Actions and findings travel as one JSON document each (dumped by
         # the json module's C code; psycopg's array dumper escapes element by element in Python).
         # Only an unfinished record is completed, so repeating a finish whose acknowledgement was lost
         # changes nothing; `interrupted` counts as unfinished: another runner marks a record so when
         # it took the lock while this run's server was restarting, and the real outcome is better.
+        since, window = observed_since if observed_since is not None else (None, timedelta(0))
         row = self.conn.execute(
             sql.SQL(
                 "WITH finished AS ("
-                " UPDATE {s}.run SET status = %s, finished_at = now(), attempts = %s, sqlstate = %s,"
-                " error = %s, summary = %s, observed = %s WHERE id = %s AND status IN ('running', 'interrupted')"
+                " UPDATE {s}.run SET status = %(status)s, finished_at = now(), attempts = %(attempts)s,"
+                " sqlstate = %(sqlstate)s, error = %(error)s, summary = %(summary)s, observed = ("
+                + OBSERVED_SINCE +
+                ") WHERE id = %(run_id)s AND status IN ('running', 'interrupted')"
                 " RETURNING id),"
                 " actions AS ("
                 " INSERT INTO {s}.action (run_id, seq, sql, status, rows, seconds, attempts, sqlstate)"
                 " SELECT f.id, a.seq, a.sql, a.status, a.rows, a.seconds, coalesce(a.attempts, 1), a.sqlstate"
-                " FROM finished f, jsonb_to_recordset(%s) AS a(seq int, sql text, status text, rows bigint,"
+                " FROM finished f, jsonb_to_recordset(%(actions)s) AS a(seq int, sql text, status text, rows bigint,"
                 " seconds float8, attempts int, sqlstate text)),"
                 " findings AS ("
                 " INSERT INTO {s}.finding (run_id, seq, level, data)"
                 " SELECT f.id, d.seq, d.level, d.data FROM finished f,"
-                " jsonb_to_recordset(%s) AS d(seq int, level text, data jsonb))"
-                " SELECT EXISTS (SELECT 1 FROM {s}.run WHERE id = %s) AS present"
+                " jsonb_to_recordset(%(findings)s) AS d(seq int, level text, data jsonb))"
+                " SELECT EXISTS (SELECT 1 FROM {s}.run WHERE id = %(run_id)s) AS present"
             ).format(s=self._s),
-            (
-                status,
-                attempts,
-                sqlstate,
-                error,
-                to_jsonb(summary) if summary is not None else None,
-                to_jsonb(observed) if observed is not None else None,
-                run_id,
-                to_jsonb([{"seq": i, **a} for i, a in enumerate(actions, 1)]),
-                to_jsonb(
+            {
+                "status": status,
+                "attempts": attempts,
+                "sqlstate": sqlstate,
+                "error": error,
+                "summary": to_jsonb(summary) if summary is not None else None,
+                "observed": to_jsonb(observed) if observed is not None else None,
+                "since": since,
+                "window": window,
+                "run_id": run_id,
+                "actions": to_jsonb([{"seq": i, **a} for i, a in enumerate(actions, 1)]),
+                "findings": to_jsonb(
                     [
                         {"seq": i, "level": f.get(level_field) if level_field else None, "data": f}
                         for i, f in enumerate(findings, 1)
                     ]
                 ),
-                run_id,
-            ),
+            },
         ).fetchone()
         return bool(row and row["present"])
 
@@ -412,34 +448,27 @@ class Ledger:
         ).fetchall()
         return [dict(r) for r in rows]
 
-    def forecast_runs(
-        self, job: str, target: str, item: str | None, *, window: timedelta, points: int = FORECAST_POINTS
-    ) -> list[dict[str, Any]]:
+    def forecast_runs(self, job: str, target: str, item: str | None, *, window: timedelta) -> list[dict[str, Any]]:
         """The earlier runs whose observations a forecast reads, oldest first: `[{run_id, observed_at}]`.
 
-        Finished `ok` runs of (job, target, item) that observed something (`run.observed`), started
-        within `window` before now. The time from the oldest of them to now is cut into `points`
-        equal slices and each slice gives its oldest run: a forecast reads a bounded number of runs
-        however often the job runs, spread over the whole window (the oldest is always among them,
-        so the rate is measured over the longest span), and two daemon replicas that ran the same
-        job moments apart count once."""
+        Of the finished `ok` runs of (job, target, item) that observed something (`run.observed`),
+        started within `window` before now: the oldest and the newest (one run when there is only
+        one). The newest holds each key's value and, where it began within the window, where the
+        key's current stretch began (see `OBSERVED_SINCE`); the oldest holds the values at the
+        window's start. Two runs however often the job runs: two index probes, nothing sorted."""
         rows = self.conn.execute(
             sql.SQL(
                 "WITH recent AS ("
                 " SELECT id, started_at FROM {s}.run"
                 " WHERE job = %s AND target = %s AND item IS NOT DISTINCT FROM %s AND status = 'ok'"
                 " AND finished_at IS NOT NULL AND observed IS NOT NULL"
-                " AND started_at >= now() - %s::interval AND started_at < now()),"
-                " sliced AS ("
-                " SELECT r.id, r.started_at,"
-                " width_bucket(extract(epoch FROM r.started_at), b.lo, b.hi, %s) AS slice"
-                " FROM recent r, (SELECT extract(epoch FROM min(started_at)) AS lo, extract(epoch FROM now()) AS hi"
-                " FROM recent) b)"
-                " SELECT id AS run_id, started_at AS observed_at FROM ("
-                " SELECT DISTINCT ON (slice) id, started_at FROM sliced ORDER BY slice, started_at, id) picked"
-                " ORDER BY started_at, id"
+                " AND started_at >= now() - %s::interval AND started_at < now())"
+                " SELECT * FROM ((SELECT id AS run_id, started_at AS observed_at FROM recent"
+                " ORDER BY started_at, id LIMIT 1)"
+                " UNION (SELECT id, started_at FROM recent ORDER BY started_at DESC, id DESC LIMIT 1)) ends"
+                " ORDER BY observed_at, run_id"
             ).format(s=self._s),
-            (job, target, item, window, max(points, 1)),
+            (job, target, item, window),
         ).fetchall()
         return [dict(r) for r in rows]
 

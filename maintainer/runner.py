@@ -159,6 +159,7 @@ class _Run:
         self.conn: psycopg.Connection[Any] | None = None
         self.ledger: Ledger | None = None
         self.recorded = False
+        self.observed_since: tuple[int, dt.timedelta] | None = None
         self.locked = False
         self.step_batches = 0  # of the step being applied (repeated steps: one per batch that changed rows)
         self.owns_session = session is None
@@ -315,22 +316,26 @@ class _Run:
             args=self.opts.args, dry_run=self.opts.dry_run,
         )
         extensions, ledger_exists = self._catalog_facts()
+        history = self._history() if ledger_exists else []
+        # the newest run read: this run's record keeps where each key's stretch began from it
+        self.observed_since = (history[-1]["run_id"], self._forecast_window()) if history else None
         return render_context.item_context(
-            run, self.spec.params, extensions=extensions, ledger_exists=ledger_exists,
-            history=self._history() if ledger_exists else [],
+            run, self.spec.params, extensions=extensions, ledger_exists=ledger_exists, history=history,
         )
+
+    def _forecast_window(self) -> dt.timedelta:
+        window = self.spec.params.get("forecast_window")
+        return window if isinstance(window, dt.timedelta) else DEFAULT_FORECAST_WINDOW
 
     def _history(self) -> list[dict[str, Any]]:
         """A forecasting unit's (one with `forecast` front matter) earlier runs: one ledger query per
         run, read on the work connection so that a dry run sees them too and writes nothing."""
         if self.unit.meta.forecast is None:
             return []
-        window = self.spec.params.get("forecast_window")
         assert self.conn is not None
         ledger = Ledger(self.conn, self.spec.settings.state_schema)
         return self.executor.with_retries(lambda: ledger.forecast_runs(
-            self.spec.job.name, self.spec.target_name, self.spec.item_label,
-            window=window if isinstance(window, dt.timedelta) else DEFAULT_FORECAST_WINDOW,
+            self.spec.job.name, self.spec.target_name, self.spec.item_label, window=self._forecast_window(),
         ))
 
     def _catalog_facts(self) -> tuple[dict[str, Any], bool]:
@@ -608,6 +613,7 @@ class _Run:
                 summary=summary,
                 level_field=self.unit.level_field,
                 observed=self.unit.observations(self.result.findings) if self.result.status == "ok" else None,
+                observed_since=self.observed_since,
             )
 
         try:

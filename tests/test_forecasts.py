@@ -141,10 +141,8 @@ def test_a_setval_backwards_mid_history_gives_no_negative_or_absurd_rate(orders:
     with Pacer(db, CONSUME, per_second=2000) as pacer:
         history = runs_apart(orders, "sequences", 2, gap=1.5)
         db.execute("SELECT setval('fc.orders_id_seq', 1000)")
-        # the same gap before the run that sees the reset: runs evenly spaced each get a slice of
-        # their own in the history a forecast reads (Ledger.forecast_runs), so the last run reads
-        # the first one after the reset. Right after the run before it, the two could share a
-        # slice, where the older wins, and the reset would be placed a run later.
+        # the same gap before the run that sees the reset as between the others: that run keeps
+        # where the new stretch began, and the last run measures its rate from there
         time.sleep(1.5)
         history += runs_apart(orders, "sequences", 3, gap=1.5)
     after_reset = orders_finding(history[2])
@@ -155,6 +153,14 @@ def test_a_setval_backwards_mid_history_gives_no_negative_or_absurd_rate(orders:
     last = orders_finding(history[-1])
     assert last["rate_per_day"] == pytest.approx(pacer.rate_per_day, rel=0.10)
     assert last["days_left"] > 0
+    # the run that saw the reset keeps where the stretch began (itself), the runs after it carry
+    # that on; before it, a plain value (the stretch began before the oldest run)
+    kept = [row[0][str(orders_finding(history[0])["sequence_oid"])]
+            for row in db.execute("SELECT observed FROM maintainer.run ORDER BY id")]
+    assert kept[1] == orders_finding(history[1])["position"]
+    position = orders_finding(history[2])["position"]
+    assert kept[2][0] == position and kept[2][2] == position
+    assert [k[1:] for k in kept[3:]] == [kept[2][1:]] * 2
 
 
 def test_report_puts_the_fewest_days_first_within_a_level(orders: Workspace, db: Database) -> None:
