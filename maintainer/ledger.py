@@ -256,7 +256,8 @@ class Ledger:
         if not runs:
             return []
         # One JSON document for all of them (dumped by the json module's C code): psycopg's array
-        # dumper escapes every element in Python, which cost ~50 ms per 200 items.
+        # dumper escapes every element in Python, which cost ~50 ms per 200 items. jsonb_to_record
+        # reads a JSON null as SQL NULL.
         operators = {trigger: who_triggered(trigger) for trigger in {r.trigger for r in runs}}  # asked once
         document = to_jsonb([
             {
@@ -284,10 +285,10 @@ class Ledger:
                 " INSERT INTO {s}.run (id, job, unit, target, item, lock_key, trigger, triggered_by, host, status,"
                 " params, error, finished_at, attempts, observed) OVERRIDING SYSTEM VALUE"
                 " SELECT id, job, unit, target, item, lock_key, trigger, triggered_by, %s, status, params, reason,"
-                " now(), 1, nullif(observed, 'null') FROM input),"
+                " now(), 1, observed FROM input),"
                 " new_finding AS ("
                 " INSERT INTO {s}.finding (run_id, seq, level, data)"
-                " SELECT id, 1, level, finding FROM input WHERE finding IS NOT NULL AND finding <> 'null')"
+                " SELECT id, 1, level, finding FROM input WHERE finding IS NOT NULL)"
                 " SELECT id FROM input ORDER BY n"
             ).format(s=self._s, run_table=sql.Literal(quote_ident(self.schema, "run"))),
             (document, INTERRUPTED, socket.gethostname()),
