@@ -7,8 +7,10 @@ locks and `CONCURRENTLY` need a real session.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import re
+import select
 from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
@@ -126,6 +128,7 @@ def _redact_url(match: re.Match[str]) -> str:
     return f"{shown}@{after_at}" if at else shown + rest
 
 
+@functools.lru_cache(maxsize=64)
 def dsn_problem(dsn: str) -> str | None:
     """Why `dsn` cannot be used as a connection string, in words that never quote it; None if fine.
 
@@ -189,6 +192,28 @@ def set_timeouts(conn: psycopg.Connection[Any], *, lock_timeout: timedelta, stat
     )
 
 
+def lock_with_timeouts(
+    conn: psycopg.Connection[Any], key: int, *, lock_timeout: timedelta, statement_timeout: timedelta
+) -> bool:
+    """`try_advisory_lock` and `set_timeouts` in one round trip (a run needs both before it starts).
+    The timeouts are set whether or not the lock is free: a run that did not get it runs nothing,
+    and the next run on the session resets them."""
+    row = conn.execute(
+        "SELECT pg_try_advisory_lock(%s) AS locked,"
+        " set_config('lock_timeout', %s, false), set_config('statement_timeout', %s, false)",
+        (key, format_duration(lock_timeout), format_duration(statement_timeout)),
+    ).fetchone()
+    return bool(row and row["locked"])
+
+
+def server_spoke(conn: psycopg.Connection[Any]) -> bool:
+    """Whether the server sent something while the connection was idle between statements: a
+    server that ends a session (shutdown, restart, pg_terminate_backend) sends a last message, and
+    a dead one leaves EOF. Asked without a round trip."""
+    readable, _, _ = select.select([conn.fileno()], [], [], 0)
+    return bool(readable)
+
+
 def is_in_recovery(conn: psycopg.Connection[Any]) -> bool:
     row = conn.execute("SELECT pg_is_in_recovery() AS recovery").fetchone()
     return bool(row and row["recovery"])
@@ -198,11 +223,6 @@ def advisory_key(*parts: str) -> int:
     """A stable signed 64-bit key for (job, target, item); identical in every replica."""
     digest = hashlib.sha256("\x1f".join(("pg-maintainer", *parts)).encode()).digest()
     return int.from_bytes(digest[:8], "big", signed=True)
-
-
-def try_advisory_lock(conn: psycopg.Connection[Any], key: int) -> bool:
-    row = conn.execute("SELECT pg_try_advisory_lock(%s) AS locked", (key,)).fetchone()
-    return bool(row and row["locked"])
 
 
 def try_advisory_locks(conn: psycopg.Connection[Any], keys: list[int]) -> list[bool]:
@@ -219,9 +239,13 @@ def advisory_unlocks(conn: psycopg.Connection[Any], keys: list[int]) -> None:
         conn.execute("SELECT pg_advisory_unlock(k) FROM unnest(%s::bigint[]) AS u(k)", (keys,))
 
 
-def advisory_unlock(conn: psycopg.Connection[Any], key: int) -> None:
-    if not conn.closed:
+def unlock_and_reset(conn: psycopg.Connection[Any], key: int) -> None:
+    """Release `key` and `RESET ALL` in one round trip: what ends a run on a shared connection."""
+    if conn.closed:
+        return
+    with conn.pipeline():
         conn.execute("SELECT pg_advisory_unlock(%s)", (key,))
+        conn.execute("RESET ALL")
 
 
 def sqlstate_of(exc: BaseException) -> str | None:

@@ -217,7 +217,8 @@ class _Run:
             return
         if not self.opts.dry_run:
             self._open_ledger()
-            if not db.try_advisory_lock(self.conn, self.lock_key):
+            if not db.lock_with_timeouts(self.conn, self.lock_key, lock_timeout=self.lock_timeout,
+                                         statement_timeout=self.statement_timeout):
                 self._skip(LOCK_HELD)
                 self._record_skip()
                 return
@@ -239,7 +240,8 @@ class _Run:
                     params=spec.logged_params,
                 )
             )
-        db.set_timeouts(self.conn, lock_timeout=self.lock_timeout, statement_timeout=self.statement_timeout)
+        else:
+            db.set_timeouts(self.conn, lock_timeout=self.lock_timeout, statement_timeout=self.statement_timeout)
         context = self._context()
         context["prepared"] = self._prepare(context)
         discovered = self._discover(context)
@@ -293,15 +295,17 @@ class _Run:
     def _reconnect(self) -> None:
         """After a lost connection: new session, same timeouts, and the advisory lock again."""
         self.conn = self._connect(fresh=True)
-        if self.locked and not db.try_advisory_lock(self.conn, self.lock_key):
+        if not self.locked:
+            db.set_timeouts(self.conn, lock_timeout=self.lock_timeout, statement_timeout=self.statement_timeout)
+        elif not db.lock_with_timeouts(self.conn, self.lock_key, lock_timeout=self.lock_timeout,
+                                       statement_timeout=self.statement_timeout):
             self.locked = False
             raise RunFailed("lost the connection and another runner took the lock meanwhile")
-        db.set_timeouts(self.conn, lock_timeout=self.lock_timeout, statement_timeout=self.statement_timeout)
 
     def _close(self) -> None:
         if self.conn is not None and not self.conn.closed and self.locked:
             try:
-                db.advisory_unlock(self.conn, self.lock_key)
+                self.session.release(self.conn, self.lock_key)
             except psycopg.Error:
                 # Cannot tell whether the lock is gone: end the session, which releases it for sure.
                 self.conn.close()

@@ -38,6 +38,8 @@ class Session:
         # The work connection last seen on a primary: a server leaves recovery (promotion) but never
         # enters it while a connection lives, so one check per connection is enough.
         self.on_primary: psycopg.Connection[Any] | None = None
+        # The work connection as the last run released it: lock gone and settings reset (`release`).
+        self.released: psycopg.Connection[Any] | None = None
 
     @staticmethod
     def usable(conn: psycopg.Connection[Any] | None) -> bool:
@@ -82,6 +84,12 @@ class Session:
         self.on_primary = conn
         return False
 
+    def release(self, conn: psycopg.Connection[Any], key: int) -> None:
+        """End a run on the work connection: its advisory lock goes and the settings its unit changed
+        are reset, in one round trip, so the next run need not reset them again."""
+        db.unlock_and_reset(conn, key)
+        self.released = conn if conn is self.conn else None
+
     def purge_once(self, ledger: Ledger, spec: RunSpec) -> None:
         """Old history goes once per session, not once per item."""
         if not self.purged:
@@ -102,10 +110,15 @@ class Session:
             self.conninfo = conninfo
         if not fresh and Session.usable(self.conn):
             assert self.conn is not None
-            try:
-                self.conn.execute("RESET ALL")  # whatever the previous run's unit SET for itself
-            except psycopg.OperationalError:
-                fresh = True  # the server went away since the previous item (a restart, a failover)
+            # Released clean by the previous run, and the server has not said goodbye since (a
+            # restart, a failover or a terminated backend leaves its last message or EOF on the
+            # socket): nothing to reset. Otherwise RESET ALL, which also finds a connection gone.
+            if self.released is not self.conn or db.server_spoke(self.conn):
+                try:
+                    self.conn.execute("RESET ALL")  # whatever the previous run's unit SET for itself
+                except psycopg.OperationalError:
+                    fresh = True  # the server went away since the previous item (a restart, a failover)
+        self.released = None
         conn = self.conn
         if fresh or conn is None or not Session.usable(conn):
             if conn is not None and not conn.closed:

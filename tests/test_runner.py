@@ -524,6 +524,42 @@ SET work_mem = '77MB';
     assert db.execute("SELECT count(*) FROM maintainer.run") == [(3,)]
 
 
+def test_a_session_whose_backend_ended_between_items_is_replaced(workspace: Workspace, db: Database) -> None:
+    # A run releases its lock and resets the session's settings in one round trip, so the next item
+    # does not ask again; but a backend that ended in between (a restart, a failover, a terminated
+    # session) must still be noticed before the next item runs on it.
+    from maintainer.project import load_project
+    from maintainer.runner import RunOptions, run, run_all
+
+    workspace.unit("whoami", """---
+description: report the backend
+params:
+  n: {type: integer, required: true}
+---
+{% block discover %}
+SELECT pg_backend_pid() AS pid, {{ params.n | bind }}::int AS n
+{% endblock %}
+""")
+    workspace.job("whoami", unit="whoami", items=[{"n": 1}, {"n": 2}, {"n": 3}])
+    project = load_project(str(workspace.config))
+
+    def terminate_after_the_first(spec, options, *, session=None, surveyed=None):  # type: ignore[no-untyped-def]
+        result = run(spec, options, session=session, surveyed=surveyed)
+        if spec.params["n"] == 1:
+            pid = result.findings[0]["pid"]
+            db.execute("SELECT pg_terminate_backend(%s)", (pid,))
+            deadline = time.monotonic() + 10
+            while db.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = %s", (pid,)) != [(0,)]:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+        return result
+
+    results = run_all(project.run_specs(project.job("whoami")), RunOptions(), runner=terminate_after_the_first)
+    assert [r.status for r in results] == ["ok", "ok", "ok"], [r.error for r in results]
+    pids = [r.findings[0]["pid"] for r in results]
+    assert pids[0] != pids[1] == pids[2]  # a new backend for the second item, kept for the third
+
+
 def test_prepared_catalog_queries_survive_ddl_and_a_changed_result_type_is_replanned(
     workspace: Workspace, db: Database
 ) -> None:
