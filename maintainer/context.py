@@ -9,9 +9,9 @@ name another block of the same run has.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, overload
 
 # Blocks of one item's run, in order; `survey` runs once per (job, target), `check` by `maintainer check`.
 ITEM_BLOCKS = ("prepare", "discover", "apply", "recheck", "after", "verify", "report")
@@ -42,7 +42,8 @@ NAMES: tuple[ContextName, ...] = (
     ContextName("history", ITEM_BLOCKS,
                 "for units with `forecast` front matter: earlier `ok` runs of this job, target and item whose "
                 "observations a forecast reads, `[{run_id, observed_at}]` oldest first (the oldest and the newest "
-                "within `forecast_window`); `[]` without a ledger or in other units"),
+                "within `forecast_window`); `[]` without a ledger or in other units. Read from the ledger the first "
+                "time a block looks at it, so a unit that forecasts only in some cases pays for it only then"),
     ContextName("items", ("survey",), "each item of the job: `{index, params, item}`"),
     ContextName("prepared", ITEM_BLOCKS, "the first row of `prepare` (`{}` before it has run, or without one)"),
     ContextName("row", ITEM_BLOCKS, "in `apply` and `recheck`, the step's finding (the discover row); `{}` elsewhere"),
@@ -53,6 +54,39 @@ NAMES: tuple[ContextName, ...] = (
                 "what each step did: `{row, status, rows, batches}`; `batches` counts the batches of a "
                 "repeated step that changed rows, 1 or 0 for any other step"),
 )
+
+
+class LazyRuns(Sequence[Mapping[str, Any]]):
+    """`history`, read the first time a block looks at it (`partitions` forecasts only for integer
+    keys; a time-keyed table's run never needs the ledger query)."""
+
+    def __init__(self, load: Callable[[], list[dict[str, Any]]]) -> None:
+        self._load = load
+        self._runs: list[dict[str, Any]] | None = None
+
+    @property
+    def loaded(self) -> bool:
+        return self._runs is not None
+
+    def _all(self) -> list[dict[str, Any]]:
+        if self._runs is None:
+            self._runs = self._load()
+        return self._runs
+
+    @overload
+    def __getitem__(self, index: int) -> Mapping[str, Any]: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[Mapping[str, Any]]: ...
+
+    def __getitem__(self, index: int | slice) -> Mapping[str, Any] | Sequence[Mapping[str, Any]]:
+        return self._all()[index]
+
+    def __len__(self) -> int:
+        return len(self._all())
+
+    def __iter__(self) -> Iterator[Mapping[str, Any]]:
+        return iter(self._all())
 
 
 def run_context(
@@ -80,7 +114,7 @@ def item_context(
 ) -> dict[str, Any]:
     """An item's blocks from `prepare` on; `prepared`, `row` and `prev` are filled as the run goes."""
     return {**run, "params": params, "extensions": extensions, "ledger_exists": ledger_exists,
-            "history": list(history), "prepared": {}, "row": {}, "prev": None}
+            "history": history, "prepared": {}, "row": {}, "prev": None}
 
 
 def step_context(item: Mapping[str, Any], row: Mapping[str, Any]) -> dict[str, Any]:

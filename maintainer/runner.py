@@ -159,7 +159,7 @@ class _Run:
         self.conn: psycopg.Connection[Any] | None = None
         self.ledger: Ledger | None = None
         self.recorded = False
-        self.observed_since: tuple[int, dt.timedelta] | None = None
+        self.history = render_context.LazyRuns(list)  # earlier runs a forecast reads (see `_context`)
         self.locked = False
         self.step_batches = 0  # of the step being applied (repeated steps: one per batch that changed rows)
         self.owns_session = session is None
@@ -320,12 +320,18 @@ class _Run:
             args=self.opts.args, dry_run=self.opts.dry_run,
         )
         extensions, ledger_exists = self._catalog_facts()
-        history = self._history() if ledger_exists else []
-        # the newest run read: this run's record keeps where each key's stretch began from it
-        self.observed_since = (history[-1]["run_id"], self._forecast_window()) if history else None
+        self.history = render_context.LazyRuns(self._history) if ledger_exists else render_context.LazyRuns(list)
         return render_context.item_context(
-            run, self.spec.params, extensions=extensions, ledger_exists=ledger_exists, history=history,
+            run, self.spec.params, extensions=extensions, ledger_exists=ledger_exists, history=self.history,
         )
+
+    def _observed_since(self, observed: Mapping[str, Any] | None) -> tuple[int, dt.timedelta] | None:
+        """The newest earlier run a forecast reads: this run's record keeps where each observed key's
+        stretch began from it. No observation, no question; otherwise `history` is read here if no
+        block looked at it."""
+        if not observed or not self.history:
+            return None
+        return self.history[-1]["run_id"], self._forecast_window()
 
     def _forecast_window(self) -> dt.timedelta:
         window = self.spec.params.get("forecast_window")
@@ -605,6 +611,8 @@ class _Run:
         run_id = self.result.run_id
         summary = {"throttled_seconds": self.result.throttled_seconds} if self.result.throttled_seconds else None
 
+        observed = self.unit.observations(self.result.findings) if self.result.status == "ok" else None
+
         def finish(ledger: Ledger, record: int) -> bool:
             return ledger.finish_run(
                 record,
@@ -616,8 +624,8 @@ class _Run:
                 findings=self.result.findings,
                 summary=summary,
                 level_field=self.unit.level_field,
-                observed=self.unit.observations(self.result.findings) if self.result.status == "ok" else None,
-                observed_since=self.observed_since,
+                observed=observed,
+                observed_since=self._observed_since(observed),
             )
 
         try:

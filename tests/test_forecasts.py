@@ -319,6 +319,31 @@ def test_a_user_unit_forecasts_its_own_counter_through_the_ledger(workspace: Wor
     assert observed == [{"": run[0]["n"]} for run in history]
 
 
+def test_a_run_whose_blocks_never_read_history_still_keeps_where_a_new_key_began(
+    workspace: Workspace, db: Database
+) -> None:
+    # `history` is read from the ledger only when a block looks at it. A run that observes values
+    # without looking must still keep, for the next forecast, where a key new since the last run began.
+    db.run_script("CREATE SCHEMA fc; CREATE TABLE fc.counters (k text, n bigint);"
+                  "INSERT INTO fc.counters VALUES ('a', 5);")
+    workspace.unit("counters", """---
+description: counters by name, observed but never forecast here
+forecast: {value: n, key: k}
+---
+{% block discover %}
+SELECT k, n FROM fc.counters ORDER BY k
+{% endblock %}
+""")
+    workspace.job("counters", unit="counters")
+    run_job(workspace, "counters")
+    db.execute("INSERT INTO fc.counters VALUES ('b', 7)")
+    run_job(workspace, "counters")
+    (first,), (second,) = db.execute("SELECT observed FROM maintainer.run ORDER BY id")
+    assert first == {"a": 5}
+    assert second["a"] == 5  # the same stretch as at the first run: a plain value
+    assert second["b"][0] == second["b"][2] == 7  # new since the first run: [value, since, value there]
+
+
 def test_a_ledger_from_before_observations_is_upgraded_and_forecasts_start_from_there(
     orders: Workspace, db: Database
 ) -> None:
