@@ -1,17 +1,19 @@
 """Running a unit's statements on the work connection: transactions, retries, and the record of each.
 
-A run hands its rendered statements here and gets back what they changed; every statement that
-was executed, failed or was rolled back is appended to `actions` (the run's ledger record) as it
-happens, so a failure part-way still leaves an exact account of what committed. A transient
-failure (lock timeout, deadlock, lost connection) is retried with backoff on a replaced connection
-when the work connection went down; only the final attempt's actions are kept.
+A run hands its rendered statements here and gets back what they did (`Executed`): rows changed,
+the last row returned, and the record of every statement (`Action`). When a statement fails,
+`StatementsFailed` carries PostgreSQL's error and the record up to it (statements rolled back with
+it marked `skipped`), so a failure part-way still leaves an exact account of what committed. A
+transient failure (lock timeout, deadlock, lost connection) is retried with backoff, on a replaced
+connection when the work connection went down; only the final attempt's actions are returned.
 """
 
 from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import psycopg
@@ -23,7 +25,28 @@ from maintainer.units import Statement, transaction_blocks
 
 T = TypeVar("T")
 
-Outcome = tuple[int, dict[str, Any] | None]  # (rows affected, last row returned)
+
+@dataclass
+class Executed:
+    """What statements did: rows affected, the last row returned, and the record of each."""
+
+    rows: int = 0
+    last: dict[str, Any] | None = None
+    actions: list[Action] = field(default_factory=list)
+
+    def then(self, more: Executed) -> Executed:
+        """This, followed by `more`."""
+        return Executed(self.rows + more.rows, more.last if more.last is not None else self.last,
+                        self.actions + more.actions)
+
+
+class StatementsFailed(Exception):
+    """A statement failed: `error` is PostgreSQL's, `actions` the record up to and including it."""
+
+    def __init__(self, error: psycopg.Error, actions: list[Action]) -> None:
+        super().__init__(str(error))
+        self.error = error
+        self.actions = actions
 
 
 class Executor:
@@ -35,17 +58,15 @@ class Executor:
         max_attempts: int,
         backoff: Callable[[int], float],
         check_cancel: Callable[[], None],
-        actions: list[Action],
     ) -> None:
         """`connection` gives the current work connection, `reconnect` replaces a broken one (with
         the run's lock and timeouts), `backoff(n)` is the wait after failed attempt n, and
-        `check_cancel` raises when the run must stop. `actions` is the run's record."""
+        `check_cancel` raises when the run must stop."""
         self.connection = connection
         self.reconnect = reconnect
         self.max_attempts = max_attempts
         self.backoff = backoff
         self.check_cancel = check_cancel
-        self.actions = actions
         self.attempts = 0  # the most attempts any statement of the run needed
 
     def select(self, statement: Statement, *, read_only: bool) -> list[dict[str, Any]]:
@@ -55,17 +76,18 @@ class Executor:
             lambda: db.query(self.connection(), statement.sql, statement.params, read_only=read_only)
         )
 
-    def plan(self, statements: list[Statement], mode: str, where: str) -> None:
-        """A dry run: the statements are recorded as planned, none is executed (their transaction
-        blocks are still checked, so a dry run refuses what a real run would)."""
+    @staticmethod
+    def plan(statements: list[Statement], mode: str, where: str) -> list[Action]:
+        """A dry run: the statements as planned actions, none executed (their transaction blocks are
+        still checked, so a dry run refuses what a real run would)."""
         transaction_blocks(statements, mode, where=where)
-        self.actions.extend(Action(s.sql, "planned") for s in statements)
+        return [Action(s.sql, "planned") for s in statements]
 
-    def run(self, statements: list[Statement], mode: str, where: str, *, retry: bool = True) -> Outcome:
+    def run(self, statements: list[Statement], mode: str, where: str, *, retry: bool = True) -> Executed:
         """Run one step's statements in `mode` (`none`: each autocommits, explicit BEGIN … COMMIT
         blocks aside; `per_step`: one transaction). Each transaction (or autocommitted statement)
         is retried on its own unless `retry` is false (the caller retries the whole step)."""
-        total, last = 0, None
+        done = Executed()
         for group in transaction_blocks(statements, mode, where=where):
             self.check_cancel()
             if group[0].control == "begin":
@@ -76,29 +98,45 @@ class Executor:
                 attempt = functools.partial(self._one, group[0])
             else:
                 attempt = functools.partial(self._transaction, group)
-            rows, last_row = self.with_retries(attempt) if retry else attempt()
-            total += rows
-            last = last_row if last_row is not None else last
-        return total, last
+            try:
+                done = done.then(self._retrying(attempt) if retry else attempt())
+            except StatementsFailed as failed:
+                raise StatementsFailed(failed.error, done.actions + failed.actions) from None
+        return done
 
     def with_retries(self, attempt: Callable[[], T]) -> T:
         """`attempt`, tried again after a transient error (lock timeout, deadlock, lost connection)
-        up to `max_attempts` times, with backoff; only the final attempt's actions are kept."""
+        up to `max_attempts` times, with backoff."""
         for number in range(1, self.max_attempts + 1):
             self.attempts = max(self.attempts, number)
-            mark = len(self.actions)
             try:
-                outcome = attempt()
+                return attempt()
             except psycopg.Error as exc:
                 if not db.is_transient(exc) or number == self.max_attempts:
-                    self.count_attempts(mark, number)
                     raise
-                del self.actions[mark:]
                 self.before_retry(number)
-                continue
-            self.count_attempts(mark, number)
-            return outcome
         raise AssertionError("unreachable")
+
+    def _retrying(self, attempt: Callable[[], Executed]) -> Executed:
+        """`with_retries` for statements: only the final attempt's actions are kept, marked with the
+        number of attempts it took."""
+        for number in range(1, self.max_attempts + 1):
+            try:
+                return self.took(attempt(), number)
+            except StatementsFailed as failed:
+                self.took(failed.actions, number)
+                if not db.is_transient(failed.error) or number == self.max_attempts:
+                    raise
+                self.before_retry(number)
+        raise AssertionError("unreachable")
+
+    def took(self, done: Executed | Iterable[Action], attempts: int) -> Executed:
+        """Mark these actions (an `Executed`'s, or a failure's) as having taken `attempts` tries."""
+        self.attempts = max(self.attempts, attempts)
+        executed = done if isinstance(done, Executed) else Executed(actions=list(done))
+        for action in executed.actions:
+            action.attempts = attempts
+        return executed
 
     def before_retry(self, failed_attempt: int) -> None:
         """Wait out the backoff; replace the work connection if the failure took it down."""
@@ -108,15 +146,9 @@ class Executor:
         if conn.closed or conn.broken:
             self.reconnect()
 
-    def count_attempts(self, mark: int, attempts: int) -> None:
-        """The actions recorded since `mark` took `attempts` tries."""
-        self.attempts = max(self.attempts, attempts)
-        for action in self.actions[mark:]:
-            action.attempts = attempts
-
     # -- one transaction ------------------------------------------------------------------------
 
-    def _one(self, statement: Statement) -> Outcome:
+    def _one(self, statement: Statement) -> Executed:
         conn = self.connection()
         started = time.monotonic()
         action = Action(statement.sql, "ok")
@@ -127,14 +159,12 @@ class Executor:
         except psycopg.Error as exc:
             action.status, action.sqlstate = "failed", db.sqlstate_of(exc)
             action.seconds = time.monotonic() - started
-            self.actions.append(action)
-            raise
+            raise StatementsFailed(exc, [action]) from None
         action.seconds = time.monotonic() - started
         action.rows = rows
-        self.actions.append(action)
-        return rows, last
+        return Executed(rows, last, [action])
 
-    def _explicit_transaction(self, block: list[Statement]) -> Outcome:
+    def _explicit_transaction(self, block: list[Statement]) -> Executed:
         """An explicit `BEGIN … COMMIT` block of a `transaction: none` unit: its statements travel in
         one round trip (psycopg's pipeline mode) and commit or roll back together. The block's time is
         recorded on its COMMIT: the statements' own times cannot be told apart."""
@@ -153,45 +183,48 @@ class Executor:
             db.rollback_failed_block(conn)
             # The first statement without a result is the one that failed; the others did not happen.
             failed = next((i for i, c in enumerate(cursors) if c.pgresult is None), len(block) - 1)
+            actions = []
             for number, statement in enumerate(block):
                 action = Action(statement.sql, "failed" if number == failed else "skipped")
                 if number == failed:
                     action.sqlstate = db.sqlstate_of(exc)
                     action.seconds = time.monotonic() - started
-                self.actions.append(action)
-            raise
+                actions.append(action)
+            raise StatementsFailed(exc, actions) from None
         seconds = time.monotonic() - started
-        total, last = 0, None
+        done = Executed()
         for statement, cursor in zip(block, cursors, strict=True):
             action = Action(statement.sql, "ok")
             if statement.control is None:
                 action.rows, last_row = outcome_of(cursor)
-                total += action.rows
-                last = last_row if last_row is not None else last
+                done.rows += action.rows
+                done.last = last_row if last_row is not None else done.last
             elif statement.control == "commit":
                 action.seconds = seconds
-            self.actions.append(action)
-        return total, last
+            done.actions.append(action)
+        return done
 
-    def _transaction(self, statements: list[Statement]) -> Outcome:
-        total, last = 0, None
-        mark = len(self.actions)
+    def _transaction(self, statements: list[Statement]) -> Executed:
+        done = Executed()
         try:
             with self.connection().transaction():
                 for statement in statements:
-                    rows, row = self._one(statement)
-                    total += rows
-                    last = row if row is not None else last
-        except psycopg.Error:
-            # The whole transaction rolled back: statements that "succeeded" in it did not happen.
-            for action in self.actions[mark:]:
-                if action.status == "ok":
-                    action.status = "skipped"
-            raise
-        return total, last
+                    done = done.then(self._one(statement))
+        except StatementsFailed as failed:
+            raise StatementsFailed(failed.error, rolled_back(done.actions) + failed.actions) from None
+        except psycopg.Error as exc:  # the COMMIT itself
+            raise StatementsFailed(exc, rolled_back(done.actions)) from None
+        return done
 
 
-def outcome_of(cursor: psycopg.RawCursor[dict[str, Any]]) -> Outcome:
+def rolled_back(actions: list[Action]) -> list[Action]:
+    """The whole transaction rolled back: statements that "succeeded" in it did not happen."""
+    for action in actions:
+        action.status = "skipped"
+    return actions
+
+
+def outcome_of(cursor: psycopg.RawCursor[dict[str, Any]]) -> tuple[int, dict[str, Any] | None]:
     """(rows affected, last row returned) of an executed statement."""
     fetched = list(cursor.fetchall()) if cursor.description else []
     rows = cursor.rowcount if cursor.rowcount >= 0 else len(fetched)

@@ -24,7 +24,7 @@ import psycopg
 from maintainer import context as render_context
 from maintainer import db, pooler
 from maintainer.errors import RunFailed
-from maintainer.executor import Executor, Outcome, merge_actions
+from maintainer.executor import Executed, Executor, StatementsFailed, merge_actions
 from maintainer.ledger import Ledger
 from maintainer.pacing import Pacer, Throttled
 from maintainer.project import RunSpec
@@ -75,6 +75,18 @@ class RunOptions:
     on_connect: Callable[[psycopg.Connection[Any]], None] | None = None
     # Hears what pacing waits for ("waiting: standby … replays 42 s behind"), None when it stops waiting.
     on_wait: Callable[[str | None], None] | None = None
+
+
+@dataclass
+class StepRecord:
+    """One step's record as it runs: its actions (one per statement position for a repeated step,
+    see `merge_actions`) and how many of its batches changed rows."""
+
+    actions: list[Action] = field(default_factory=list)
+    batches: int = 0
+
+    def committed_rows(self) -> int:
+        return sum(a.rows or 0 for a in self.actions if a.status == "ok")
 
 
 class Runner(Protocol):
@@ -161,7 +173,6 @@ class _Run:
         self.recorded = False
         self.history = render_context.LazyRuns(list)  # earlier runs a forecast reads (see `_context`)
         self.locked = False
-        self.step_batches = 0  # of the step being applied (repeated steps: one per batch that changed rows)
         self.owns_session = session is None
         self.session = session or Session()
         self.surveyed = surveyed
@@ -173,7 +184,6 @@ class _Run:
             max_attempts=spec.settings.defaults.max_attempts,
             backoff=functools.partial(retry_delay, spec),
             check_cancel=self._check_cancel,
-            actions=self.result.actions,
         )
 
     # -- top level ------------------------------------------------------------------------------
@@ -391,20 +401,19 @@ class _Run:
                 break  # the step never started: the next run finds it again
             outcome = {"row": row, "status": "planned" if self.opts.dry_run else "ok", "rows": 0, "batches": 0}
             outcomes.append(outcome)
-            mark = len(self.result.actions)
-            self.step_batches = 0
+            step = StepRecord()
             try:
-                outcome["rows"] = self._run_step(context, row, index, len(step_rows))
-                outcome["batches"] = self.step_batches
+                outcome["rows"] = self._run_step(context, row, step, index, len(step_rows))
             except (RunFailed, psycopg.Error) as exc:
                 outcome["status"] = "failed"
-                # What the step's committed statements (or batches) changed before it failed.
-                outcome["rows"] = sum(a.rows or 0 for a in self.result.actions[mark:] if a.status == "ok")
-                outcome["batches"] = self.step_batches
+                outcome["rows"] = step.committed_rows()  # what it changed before it failed
                 if self.unit.meta.on_step_error == "continue":
                     self._note_failure(exc)
                     continue
                 raise
+            finally:
+                outcome["batches"] = step.batches
+                self.result.actions.extend(step.actions)
             if self.throttle_stop is not None:
                 break  # a repeated step stopped between batches: what it committed stands
         return outcomes
@@ -430,18 +439,17 @@ class _Run:
         assert self.conn is not None
         return self.conn
 
-    def _run_step(self, context: dict[str, Any], row: dict[str, Any], index: int, count: int) -> int:
+    def _run_step(self, context: dict[str, Any], row: dict[str, Any], step: StepRecord, index: int, count: int) -> int:
         step_context = render_context.step_context(context, row)
         if not self.opts.dry_run and self.unit.meta.repeat is None and self.unit.has_block("recheck"):
-            return self._run_rechecked(step_context)
+            return self._run_rechecked(step_context, step)
         if self.opts.dry_run or self.unit.meta.repeat is None:
-            statements = self._render("apply", step_context)
-            rows, _ = self._execute_statements(statements)
-            self.step_batches = 1 if rows else 0
-            return rows
-        return self._run_repeated(step_context, row, index, count)
+            done = self._execute_statements(self._render("apply", step_context), step)
+            step.batches = 1 if done.rows else 0
+            return done.rows
+        return self._run_repeated(step_context, row, step, index, count)
 
-    def _run_rechecked(self, context: dict[str, Any]) -> int:
+    def _run_rechecked(self, context: dict[str, Any], step: StepRecord) -> int:
         """A step of a unit with a `recheck` block: after a transient failure the step is not resumed
         statement by statement but looked at again. `recheck` (one SELECT, with the step's `row`)
         says what is true now: no row = the step's work is done (its last statement went through but
@@ -453,52 +461,51 @@ class _Run:
         attempts = self.spec.settings.defaults.max_attempts
         row = context["row"]
         for number in range(1, attempts + 1):
-            mark = len(self.result.actions)
+            statements = self._render("apply", render_context.step_context(context, row))
             try:
-                statements = self._render("apply", render_context.step_context(context, row))
-                rows, _ = self._execute_statements(statements, retry=False)
-                self.executor.count_attempts(mark, number)
-                return rows
-            except psycopg.Error as exc:
-                self.executor.count_attempts(mark, number)
-                if not db.is_transient(exc) or number == attempts:
-                    raise
+                done = self.executor.run(statements, self.unit.meta.transaction, self._where("apply"), retry=False)
+            except StatementsFailed as failed:
+                # The failed attempt's actions stay in the record: what it did is part of what the
+                # recheck finds.
+                step.actions += self.executor.took(failed.actions, number).actions
+                if not db.is_transient(failed.error) or number == attempts:
+                    raise failed.error from None
                 self.executor.before_retry(number)
                 now = self._select("recheck", render_context.step_context(context, row), read_only=False)
                 if not now:
                     return 0
                 if now[0].get("action", True) in (False, None):
-                    raise
-                # The failed attempt's actions stay in the record: what it did is part of what the
-                # recheck found.
+                    raise failed.error from None
                 row = {**row, **now[0]}
+                continue
+            step.actions += self.executor.took(done, number).actions
+            return done.rows
         raise AssertionError("unreachable")
 
-    def _run_repeated(self, context: dict[str, Any], row: dict[str, Any], index: int, count: int) -> int:
+    def _run_repeated(self, context: dict[str, Any], row: dict[str, Any], step: StepRecord, index: int,
+                      count: int) -> int:
         """`repeat: until_zero_rows`: batches until one touches nothing; `prev` carries the keyset cursor."""
         pause = self.spec.params.get("pause")
         pause_seconds = pause.total_seconds() if isinstance(pause, dt.timedelta) else 0.0
         started = time.monotonic()
         total = 0
-        merged: list[Action] = []
-        base = len(self.result.actions)
         for iteration in range(1, self.unit.meta.max_iterations + 1):
             self._check_cancel()
             if not self._pace():
                 break
             statements = self._render("apply", {**context, "prev": context["prev"]})
-            actions_before = len(self.result.actions)
-            rows, last = self._execute_statements(statements)
-            new_actions = self.result.actions[actions_before:]
-            del self.result.actions[actions_before:]
-            merged = merge_actions(merged, new_actions, iteration)
-            # Kept in the result after every batch: if a later batch fails or the run is cancelled,
-            # the ledger still shows the rows the committed batches changed.
-            self.result.actions[base:] = merged
-            total += rows
-            if rows:
-                self.step_batches += 1  # batches that changed something, committed so far
-            context["prev"] = last
+            try:
+                done = self.executor.run(statements, self.unit.meta.transaction, self._where("apply"))
+            except StatementsFailed as failed:
+                step.actions += failed.actions  # after the committed batches, the failed one as it ran
+                raise failed.error from None
+            # The step's record is complete after every batch: if a later batch fails or the run is
+            # cancelled, the ledger still shows the rows the committed batches changed.
+            step.actions = merge_actions(step.actions, done.actions, iteration)
+            total += done.rows
+            if done.rows:
+                step.batches += 1  # batches that changed something, committed so far
+            context["prev"] = done.last
             if self.opts.progress is not None:
                 estimate = row.get("estimate")
                 self.opts.progress(
@@ -511,7 +518,7 @@ class _Run:
                         time.monotonic() - started,
                     )
                 )
-            if rows == 0:
+            if done.rows == 0:
                 break
             if pause_seconds:
                 time.sleep(pause_seconds)
@@ -522,7 +529,11 @@ class _Run:
         if not self.unit.has_block("after") or self.result.status == "failed":
             return
         statements = self._render("after", render_context.after_steps_context(context, discovered, outcomes))
-        self._execute_statements(statements, "after")
+        record = StepRecord()
+        try:
+            self._execute_statements(statements, record, "after")
+        finally:
+            self.result.actions.extend(record.actions)
 
     def _verify(self, context: dict[str, Any]) -> None:
         if self.opts.dry_run or not self.unit.has_block("verify") or self.result.status == "failed":
@@ -557,18 +568,24 @@ class _Run:
         a lock timeout on a catalog) is simply tried again."""
         return self.executor.select(render_select(self.unit, block, context), read_only=read_only)
 
-    def _execute_statements(
-        self, statements: list[Statement], block_name: str = "apply", *, retry: bool = True
-    ) -> Outcome:
-        """Run one step's statements (or only record them in a dry run): (rows affected, last row
-        returned). `after` always runs outside a transaction (VACUUM cannot run in one), like
+    def _execute_statements(self, statements: list[Statement], step: StepRecord, block_name: str = "apply") -> Executed:
+        """Run one step's statements (or only plan them in a dry run), recording them in `step`.
+        `after` always runs outside a transaction (VACUUM cannot run in one), like
         `transaction: none`."""
         mode = "none" if block_name == "after" else self.unit.meta.transaction
-        where = f"{self.unit.path.name} ({block_name}): "
         if self.opts.dry_run:
-            self.executor.plan(statements, mode, where)
-            return 0, None
-        return self.executor.run(statements, mode, where, retry=retry)
+            step.actions += self.executor.plan(statements, mode, self._where(block_name))
+            return Executed()
+        try:
+            done = self.executor.run(statements, mode, self._where(block_name))
+        except StatementsFailed as failed:
+            step.actions += failed.actions
+            raise failed.error from None
+        step.actions += done.actions
+        return done
+
+    def _where(self, block_name: str) -> str:
+        return f"{self.unit.path.name} ({block_name}): "
 
     # -- outcome --------------------------------------------------------------------------------
 
