@@ -80,6 +80,27 @@ def month_start() -> dt.datetime:
     return dt.datetime(now.year, now.month, 1, tzinfo=dt.UTC)
 
 
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def server_cpu_seconds(data_dir: Path) -> float:
+    """CPU time the cluster has used so far: the postmaster, its live processes, and those it reaped
+    (the backend of a closed connection counts in the postmaster's children's times). Read from
+    /proc, so a busy neighbour on the machine does not count, as it does in wall-clock time."""
+    postmaster = int((data_dir / "postmaster.pid").read_text().split("\n", 1)[0])
+    ticks = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after "pid (comm)": state, ppid, ...
+        except OSError:
+            continue  # a process that just ended
+        if int(stat.parent.name) == postmaster:
+            ticks += sum(int(f) for f in fields[11:15])  # utime, stime, cutime, cstime
+        elif int(fields[1]) == postmaster:
+            ticks += int(fields[11]) + int(fields[12])
+    return ticks / CLOCK_TICKS
+
+
 def count_partitions(conn: psycopg.Connection[Any], like: str) -> int:
     row = conn.execute(
         "SELECT count(*) FROM pg_inherits i JOIN pg_class p ON p.oid = i.inhparent JOIN pg_class c ON c.oid = i.inhrelid"
@@ -285,13 +306,18 @@ def main() -> int:
         # rounds on fresh parents, the two tools alternating first, so a busy moment of the
         # machine does not land on one of them only
         cold: dict[str, list[float]] = {"partman": [], "ours": []}
+        cpu: dict[str, list[tuple[float, float]]] = {"partman": [], "ours": []}  # (client, server) seconds
         for number in range(args.cold_rounds):
             if number:
                 partman, ours_conn, ours = fresh_databases(number)
             order = [("partman", partman_create), ("ours", ours_create)]
             for name, create in order if number % 2 == 0 else reversed(order):
                 settle()
+                server_before, client_before = server_cpu_seconds(cluster.data_dir), time.process_time()
                 cold[name].append(timed(create))
+                time.sleep(0.3)  # the backends of the connections just closed are reaped
+                cpu[name].append((time.process_time() - client_before,
+                                  server_cpu_seconds(cluster.data_dir) - server_before))
             # pg_partman adds its DEFAULT as a sixth child; ours had it from the start
             assert count_partitions(partman, "m%") == count_partitions(ours_conn, "m%") == 6 * args.parents
             progress(f"(a) round {number + 1}: pg_partman {cold['partman'][-1]:.2f} s, ours {cold['ours'][-1]:.2f} s")
@@ -314,7 +340,7 @@ def main() -> int:
         if not args.partitions:  # --partitions 0: (a) and (b) only
             partman.close()
             ours_conn.close()
-            return report(args, cold, in_ddl, a_ours, a_partman, a_ratio, b_ours, b_partman, b_daemon, floor, None)
+            return report(args, cold, cpu, in_ddl, a_ours, a_partman, a_ratio, b_ours, b_partman, b_daemon, floor, None)
         # (c) discovery over 10,000 partitions of one parent
         build = timed(lambda: make_big(ours_conn, "big", args.partitions))
         progress(f"(c) {args.partitions} partitions built in {build:.0f} s")
@@ -336,11 +362,12 @@ def main() -> int:
                 for _ in range(args.repeat))
         partman.close()
         ours_conn.close()
-    return report(args, cold, in_ddl, a_ours, a_partman, a_ratio, b_ours, b_partman, b_daemon, floor,
+    return report(args, cold, cpu, in_ddl, a_ours, a_partman, a_ratio, b_ours, b_partman, b_daemon, floor,
                   (c_discover, rows, c_survey, c_run, c_partman))
 
 
-def report(args: argparse.Namespace, cold: dict[str, list[float]], in_ddl: list[float], a_ours: float,
+def report(args: argparse.Namespace, cold: dict[str, list[float]], cpu: dict[str, list[tuple[float, float]]],
+           in_ddl: list[float], a_ours: float,
            a_partman: float, a_ratio: float,
            b_ours: float, b_partman: float, b_daemon: float, floor: float,
            big: tuple[float, int, float, float, float | None] | None) -> int:
@@ -353,6 +380,15 @@ def report(args: argparse.Namespace, cold: dict[str, list[float]], in_ddl: list[
     print(f"    (a) ours executing DDL (the steps' statements) per round: {', '.join(f'{x:.2f}' for x in in_ddl)} s;"
           f" the rest (locks, catalog queries, rendering, ledger): "
           f"{', '.join(f'{t - d:.2f}' for t, d in zip(cold['ours'], in_ddl, strict=True))} s")
+    (ours_client, ours_server), (partman_client, partman_server) = (
+        (statistics.median(c for c, _ in cpu[tool]), statistics.median(s for _, s in cpu[tool])) for tool in ("ours", "partman")
+    )
+    cpu_ratio = statistics.median(
+        (oc + os_) / (pc + ps) for (oc, os_), (pc, ps) in zip(cpu["ours"], cpu["partman"], strict=True)
+    )
+    print(f"    (a) CPU time, median of the rounds (client + server, not counting time spent waiting): ours"
+          f" {ours_client:.2f} + {ours_server:.2f} s, pg_partman {partman_client:.2f} + {partman_server:.2f} s;"
+          f" median of the per-round ratios {cpu_ratio:.2f}x")
     line(f"(b) steady-state pass, {args.parents} parents", b_ours, b_partman, "<= 1.0x")
     line("    the same pass as the daemon runs it (tick check per item)", b_daemon, b_partman, "<= 1.0x")
     print(f"    engine floor without a survey (a unit that finds nothing, same {args.parents} items, each a full"
