@@ -44,6 +44,10 @@ NAMES: tuple[ContextName, ...] = (
                 "observations a forecast reads, `[{run_id, observed_at}]` oldest first (the oldest and the newest "
                 "within `forecast_window`); `[]` without a ledger or in other units. Read from the ledger the first "
                 "time a block looks at it, so a unit that forecasts only in some cases pays for it only then"),
+    ContextName("cooldowns", ITEM_BLOCKS,
+                "for units with `cooldown` front matter: when each object last got the unit's decision on this "
+                "target, `{object: timestamptz}`, over the runs within the cooldown; `{}` without a ledger or in "
+                "other units"),
     ContextName("items", ("survey",), "each item of the job: `{index, params, item}`"),
     ContextName("prepared", ITEM_BLOCKS, "the first row of `prepare` (`{}` before it has run, or without one)"),
     ContextName("row", ITEM_BLOCKS, "in `apply` and `recheck`, the step's finding (the discover row); `{}` elsewhere"),
@@ -110,11 +114,11 @@ def survey_context(run: Mapping[str, Any], items: Sequence[Mapping[str, Any]]) -
 
 def item_context(
     run: Mapping[str, Any], params: Mapping[str, Any], *, extensions: Mapping[str, Any], ledger_exists: bool,
-    history: Sequence[Mapping[str, Any]] = (),
+    history: Sequence[Mapping[str, Any]] = (), cooldowns: Mapping[str, dt.datetime] | None = None,
 ) -> dict[str, Any]:
     """An item's blocks from `prepare` on; `prepared`, `row` and `prev` are filled as the run goes."""
     return {**run, "params": params, "extensions": extensions, "ledger_exists": ledger_exists,
-            "history": history, "prepared": {}, "row": {}, "prev": None}
+            "history": history, "cooldowns": dict(cooldowns or {}), "prepared": {}, "row": {}, "prev": None}
 
 
 def step_context(item: Mapping[str, Any], row: Mapping[str, Any]) -> dict[str, Any]:

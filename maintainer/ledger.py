@@ -475,6 +475,22 @@ class Ledger:
         return [dict(r) for r in rows]
 
 
+    def recent_decisions(self, field: str, decision: str, *, within: timedelta) -> dict[str, datetime]:
+        """When each object (a finding's `field`) last got a finding whose `decision` says `decision`,
+        over the runs of any job on this target started within `within` before now: `{object: the
+        start of the newest such run}` (a unit's `cooldown`, see `CooldownSpec`)."""
+        rows = self.conn.execute(
+            sql.SQL(
+                "SELECT f.data ->> %s AS key, max(r.started_at) AS at"
+                " FROM {s}.finding f JOIN {s}.run r ON r.id = f.run_id"
+                " WHERE r.started_at > now() - %s::interval AND f.data ->> 'decision' = %s"
+                " GROUP BY 1"
+            ).format(s=self._s),
+            (field, within, decision),
+        ).fetchall()
+        return {r["key"]: r["at"] for r in rows if r["key"] is not None}
+
+
 def each_ledger(settings: Settings, *, connect_timeout: int = 5) -> Iterator[tuple[str, Ledger | None, str | None]]:
     """(target, its ledger, None) for every reachable target, (target, None, why) for the others.
 

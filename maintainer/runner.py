@@ -333,7 +333,19 @@ class _Run:
         self.history = render_context.LazyRuns(self._history) if ledger_exists else render_context.LazyRuns(list)
         return render_context.item_context(
             run, self.spec.params, extensions=extensions, ledger_exists=ledger_exists, history=self.history,
+            cooldowns=self._cooldowns() if ledger_exists else {},
         )
+
+    def _cooldowns(self) -> dict[str, dt.datetime]:
+        """A unit with `cooldown` front matter: when each object last got its decision (see
+        `CooldownSpec`), read on the work connection so that a dry run sees it too."""
+        spec = self.unit.meta.cooldown
+        if spec is None:
+            return {}
+        assert self.conn is not None
+        ledger = Ledger(self.conn, self.spec.settings.state_schema)
+        within = self.spec.params[spec.within]
+        return self.executor.with_retries(lambda: ledger.recent_decisions(spec.key, spec.decision, within=within))
 
     def _observed_since(self, observed: Mapping[str, Any] | None) -> tuple[int, dt.timedelta] | None:
         """The newest earlier run a forecast reads: this run's record keeps where each observed key's

@@ -155,6 +155,20 @@ class ForecastSpec(BaseModel):
     key: str | None = None
 
 
+class CooldownSpec(BaseModel):
+    """`cooldown: {key: <field>, decision: <value>, within: <param>}`: a unit that must not act on
+    the same object again too soon (`reindex`: rebuild an index). Before its blocks render, the
+    runner reads from this target's ledger when each object (a finding's `key` field) last got a
+    finding whose `decision` field says `decision`, over the runs of the last `within` (the name of
+    a duration param), and hands it over as `cooldowns`: `{object: when}`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    key: str
+    decision: str
+    within: str = "cooldown"
+
+
 class ReportSpec(BaseModel):
     """`report: {merge_on: [fields], omit: [fields]}`: the `report` block returns only the findings
     and columns it changes, and the runner merges its rows into discover's findings on the
@@ -196,6 +210,7 @@ class FrontMatter(BaseModel):
     metrics: dict[str, MetricSpec] = Field(default_factory=dict)
     alerts: AlertSpec | None = None
     forecast: ForecastSpec | None = None
+    cooldown: CooldownSpec | None = None
     report: ReportSpec | None = None
 
     @model_validator(mode="after")
@@ -203,6 +218,14 @@ class FrontMatter(BaseModel):
         bad = [name for name in self.metrics if not METRIC_NAME.match(name)]
         if bad:
             raise ValueError(f"metrics: {bad[0]!r} is not a Prometheus metric name")
+        return self
+
+    @model_validator(mode="after")
+    def _cooldown_param(self) -> FrontMatter:
+        if self.cooldown is not None:
+            within = self.params.get(self.cooldown.within)
+            if within is None or within.type != "duration":
+                raise ValueError(f"cooldown.within: {self.cooldown.within!r} must name a param of type duration")
         return self
 
     @model_validator(mode="after")

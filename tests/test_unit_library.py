@@ -169,6 +169,8 @@ def test_a_user_library_file_of_the_same_name_wins_and_is_not_a_unit(tmp_path: P
     ("forecast: {vaule: x}", "forecast.vaule"),
     ("report: {merge: [x]}", "report.merge"),
     ("report: {merge_on: []}", "report.merge_on"),
+    ("cooldown: {key: x, decison: rebuilt}", "cooldown.decison"),
+    ("params: {wait: {type: integer}}\ncooldown: {key: x, decision: done, within: wait}", "cooldown.within"),
 ])
 def test_a_misspelt_front_matter_key_makes_check_exit_2_naming_file_and_key(
     offline_workspace: Workspace, front_matter: str, key: str
