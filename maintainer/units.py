@@ -274,6 +274,8 @@ class Unit:
             named["display"] = list(self.meta.display)
         if self.meta.forecast is not None:
             named["forecast"] = [self.meta.forecast.value, *filter(None, [self.meta.forecast.key])]
+        if self.meta.cooldown is not None:
+            named["cooldown"] = [self.meta.cooldown.key, "decision"]
         if self.meta.report is not None:
             # (`omit` names discover columns that the findings leave out on purpose)
             named["report.merge_on"] = list(self.meta.report.merge_on)

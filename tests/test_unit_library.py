@@ -262,6 +262,22 @@ display: [relname, level, colour]
     assert "'relname'" not in line.split(":")[0]
 
 
+def test_check_names_a_cooldown_key_that_findings_never_carry(workspace: Workspace, db: Database) -> None:
+    workspace.unit("cooling", """\
+---
+description: a unit whose cooldown names a field it never returns
+params:
+  cooldown: {type: duration, default: 1 day}
+cooldown: {key: indx, decision: rebuilt}
+---
+{% block discover %}SELECT 'i' AS index, 'rebuilt' AS decision, {{ cooldowns | bind }}::jsonb AS seen{% endblock %}
+""")
+    workspace.job("cooling", unit="cooling")
+    result = workspace.cli("check")
+    line = next(line for line in result.output.splitlines() if "unit cooling" in line)
+    assert "cooldown names 'indx'" in line and "'decision'" not in line
+
+
 def test_the_built_in_units_declare_only_fields_their_findings_carry(workspace: Workspace, db: Database) -> None:
     db.run_script("""
         CREATE TABLE metrics (id bigint, created_at timestamptz NOT NULL) PARTITION BY RANGE (created_at);
