@@ -68,10 +68,6 @@ class LazyRuns(Sequence[Mapping[str, Any]]):
         self._load = load
         self._runs: list[dict[str, Any]] | None = None
 
-    @property
-    def loaded(self) -> bool:
-        return self._runs is not None
-
     def _all(self) -> list[dict[str, Any]]:
         if self._runs is None:
             self._runs = self._load()

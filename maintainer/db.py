@@ -184,23 +184,22 @@ def connect(
         ) from None
 
 
+_SET_TIMEOUTS = "set_config('lock_timeout', %s, false), set_config('statement_timeout', %s, false)"
+
+
 def set_timeouts(conn: psycopg.Connection[Any], *, lock_timeout: timedelta, statement_timeout: timedelta) -> None:
     """Session-level timeouts: every statement of the run inherits them."""
-    conn.execute(
-        "SELECT set_config('lock_timeout', %s, false), set_config('statement_timeout', %s, false)",
-        (format_duration(lock_timeout), format_duration(statement_timeout)),
-    )
+    conn.execute(f"SELECT {_SET_TIMEOUTS}", (format_duration(lock_timeout), format_duration(statement_timeout)))
 
 
 def lock_with_timeouts(
     conn: psycopg.Connection[Any], key: int, *, lock_timeout: timedelta, statement_timeout: timedelta
 ) -> bool:
-    """`try_advisory_lock` and `set_timeouts` in one round trip (a run needs both before it starts).
-    The timeouts are set whether or not the lock is free: a run that did not get it runs nothing,
-    and the next run on the session resets them."""
+    """The run's advisory lock and `set_timeouts` in one round trip (a run needs both before it
+    starts). The timeouts are set whether or not the lock is free: a run that did not get it runs
+    nothing, and the next run on the session resets them."""
     row = conn.execute(
-        "SELECT pg_try_advisory_lock(%s) AS locked,"
-        " set_config('lock_timeout', %s, false), set_config('statement_timeout', %s, false)",
+        f"SELECT pg_try_advisory_lock(%s) AS locked, {_SET_TIMEOUTS}",
         (key, format_duration(lock_timeout), format_duration(statement_timeout)),
     ).fetchone()
     return bool(row and row["locked"])

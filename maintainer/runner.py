@@ -227,8 +227,7 @@ class _Run:
             return
         if not self.opts.dry_run:
             self._open_ledger()
-            if not db.lock_with_timeouts(self.conn, self.lock_key, lock_timeout=self.lock_timeout,
-                                         statement_timeout=self.statement_timeout):
+            if not self._start_session(lock=True):
                 self._skip(LOCK_HELD)
                 self._record_skip()
                 return
@@ -251,7 +250,7 @@ class _Run:
                 )
             )
         else:
-            db.set_timeouts(self.conn, lock_timeout=self.lock_timeout, statement_timeout=self.statement_timeout)
+            self._start_session(lock=False)
         context = self._context()
         context["prepared"] = self._prepare(context)
         discovered = self._discover(context)
@@ -305,12 +304,19 @@ class _Run:
     def _reconnect(self) -> None:
         """After a lost connection: new session, same timeouts, and the advisory lock again."""
         self.conn = self._connect(fresh=True)
-        if not self.locked:
-            db.set_timeouts(self.conn, lock_timeout=self.lock_timeout, statement_timeout=self.statement_timeout)
-        elif not db.lock_with_timeouts(self.conn, self.lock_key, lock_timeout=self.lock_timeout,
-                                       statement_timeout=self.statement_timeout):
+        if not self._start_session(lock=self.locked):
             self.locked = False
             raise RunFailed("lost the connection and another runner took the lock meanwhile")
+
+    def _start_session(self, *, lock: bool) -> bool:
+        """The run's timeouts on the work connection and, with `lock`, its advisory lock in the same
+        round trip; False when another runner holds the lock."""
+        assert self.conn is not None
+        if lock:
+            return db.lock_with_timeouts(self.conn, self.lock_key, lock_timeout=self.lock_timeout,
+                                         statement_timeout=self.statement_timeout)
+        db.set_timeouts(self.conn, lock_timeout=self.lock_timeout, statement_timeout=self.statement_timeout)
+        return True
 
     def _close(self) -> None:
         if self.conn is not None and not self.conn.closed and self.locked:
