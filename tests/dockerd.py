@@ -9,6 +9,7 @@ not), and Debian's ``docker.io`` engine does not start by itself. So the tests b
   in a fresh temporary directory, and :meth:`DockerEngine.stop` ends it and puts the host's network
   back as it was: ``docker0`` goes away again, the iptables tables dockerd filled get their former
   rules (or are removed when they did not exist), IP forwarding gets its former value.
+  :func:`sweep_left_over_engines` first clears what the engines of a killed run left behind.
 * :meth:`DockerEngine.base_image` makes the image the Dockerfile builds ``FROM`` out of Debian's
   packages (``debootstrap --variant=minbase`` with python3 and venv, plus the host's CA bundle for
   pip), cached as a tarball under ``~/.cache/pg-maintainer`` so only the first run downloads it.
@@ -286,6 +287,56 @@ def _mounts_under(root: Path) -> list[str]:
     return sorted(mounts, key=len, reverse=True)
 
 
+def _is_alive(pid: int) -> bool:
+    """Whether `pid` still runs: a zombie has let go of its mounts and namespaces already."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def _end_whatever_is_under(root: Path) -> None:
+    """End the processes that name `root` and unmount what is mounted under it (the containers'
+    network namespaces among them)."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        pids = _pids_under(root)
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        deadline = time.monotonic() + 10
+        while any(map(_is_alive, pids)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+    for mount in _mounts_under(root):
+        if _run(["umount", mount], check=False).returncode != 0:
+            _run(["umount", "-l", mount], check=False)
+
+
+def _is_running(root: Path) -> bool:
+    """Whether the dockerd of the engine in `root` is alive (its pidfile names a live dockerd)."""
+    try:
+        pid = int((root / "dockerd.pid").read_text().strip())
+        return str(root).encode() in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (OSError, ValueError):
+        return False
+
+
+def sweep_left_over_engines(log: Callable[[str], None] = print) -> None:
+    """Clear what engines of a killed test run left behind (`kill -9`, a session's end).
+
+    Such an engine's containers keep their network namespaces, bind-mounted under its root, and with
+    them their veth on ``docker0`` and their address: the next engine's first container gets the same
+    172.17.0.2, and connections to its published port reach the dead one's namespace and are refused.
+    A root whose dockerd is gone is ours to clear; one that is just being made (no pidfile yet, a
+    minute old at most) or whose dockerd runs is left alone."""
+    for root in Path(tempfile.gettempdir()).glob("pgm-docker-*"):
+        with contextlib.suppress(OSError):
+            if _is_running(root) or (not (root / "dockerd.pid").exists() and time.time() - root.stat().st_mtime < 60):
+                continue
+            _end_whatever_is_under(root)
+            shutil.rmtree(root, ignore_errors=True)
+            log(f"cleared an engine a killed run left behind: {root}")
+
+
 @dataclass
 class DockerEngine:
     """dockerd with everything of its own under `root`; use as a context manager or start()/stop()."""
@@ -376,17 +427,7 @@ class DockerEngine:
                 process.kill()
                 process.wait(10)
         # dockerd ends its containerd; whatever it left behind names our root and is ours to end.
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            pids = _pids_under(self.root)
-            for pid in pids:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, sig)
-            deadline = time.monotonic() + 10
-            while any(Path(f"/proc/{pid}").exists() for pid in pids) and time.monotonic() < deadline:
-                time.sleep(0.1)
-        for mount in _mounts_under(self.root):
-            if _run(["umount", mount], check=False).returncode != 0:
-                _run(["umount", "-l", mount], check=False)
+        _end_whatever_is_under(self.root)
         if self._network is not None:
             undone = self._network.restore()
             if undone:
@@ -521,6 +562,7 @@ def debian_rootfs() -> Path:
 def private_engine(log: Callable[[str], None] = print) -> Iterator[DockerEngine]:
     """A started :class:`DockerEngine` in a fresh directory under the system temp dir (short paths:
     unix sockets allow 107 bytes); raises :class:`EngineUnavailable` when none can run."""
+    sweep_left_over_engines(log)
     root = Path(tempfile.mkdtemp(prefix="pgm-docker-"))
     engine = DockerEngine(root, log=log)
     try:
