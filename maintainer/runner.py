@@ -222,18 +222,20 @@ class _Run:
             self._execute_surveyed(self.surveyed)
             return
         self.conn = self._connect()
-        if self.session.in_recovery(self.conn):
+        # Every query on the work connection survives a restart or failover (a new connection, the
+        # lock again), like the blocks' own: here, before the lock and right after the ledger record.
+        if self.executor.with_retries(lambda: self.session.in_recovery(self._work_conn())):
             self._skip("target is a replica in recovery; maintenance runs on the primary only")
             return
         if not self.opts.dry_run:
             self._open_ledger()
-            if not self._start_session(lock=True):
+            if not self.executor.with_retries(lambda: self._start_session(lock=True)):
                 self._skip(LOCK_HELD)
                 self._record_skip()
                 return
             self.locked = True
-            assert self.ledger is not None
-            reason = self.opts.on_locked(self.ledger) if self.opts.on_locked is not None else None
+            on_locked = self.opts.on_locked
+            reason = self._write_ledger(on_locked) if on_locked is not None else None
             if reason:
                 self._skip(reason)
                 self._record_skip()
@@ -250,7 +252,7 @@ class _Run:
                 )
             )
         else:
-            self._start_session(lock=False)
+            self.executor.with_retries(lambda: self._start_session(lock=False))
         context = self._context()
         context["prepared"] = self._prepare(context)
         discovered = self._discover(context)
@@ -283,7 +285,8 @@ class _Run:
         return self.session.work_connection(self.spec, fresh=fresh, on_connect=self.opts.on_connect)
 
     def _open_ledger(self) -> None:
-        self.ledger = self.session.ledger(self.spec)
+        """The ledger's connection, opened and its schema checked (see `_write_ledger`)."""
+        self._write_ledger(lambda _ledger: None)
 
     def _write_ledger(self, write: Callable[[Ledger], T]) -> T:
         """A ledger write, tried again over a new ledger connection when the old one was lost (the
@@ -292,8 +295,8 @@ class _Run:
         interrupted by the repeat, a finish only completes a record that is not finished yet."""
         attempts = self.spec.settings.defaults.max_attempts
         for number in range(1, attempts + 1):
-            self.ledger = self.session.ledger(self.spec)
             try:
+                self.ledger = self.session.ledger(self.spec)
                 return write(self.ledger)
             except psycopg.Error as exc:
                 if number == attempts or not db.is_transient(exc):
@@ -348,10 +351,10 @@ class _Run:
         spec = self.unit.meta.cooldown
         if spec is None:
             return {}
-        assert self.conn is not None
-        ledger = Ledger(self.conn, self.spec.settings.state_schema)
         within = self.spec.params[spec.within]
-        return self.executor.with_retries(lambda: ledger.recent_decisions(spec.key, spec.decision, within=within))
+        return self.executor.with_retries(
+            lambda: self._ledger_on_work_conn().recent_decisions(spec.key, spec.decision, within=within)
+        )
 
     def _observed_since(self, observed: Mapping[str, Any] | None) -> tuple[int, dt.timedelta] | None:
         """The newest earlier run a forecast reads: this run's record keeps where each observed key's
@@ -370,26 +373,28 @@ class _Run:
         run, read on the work connection so that a dry run sees them too and writes nothing."""
         if self.unit.meta.forecast is None:
             return []
-        assert self.conn is not None
-        ledger = Ledger(self.conn, self.spec.settings.state_schema)
-        return self.executor.with_retries(lambda: ledger.forecast_runs(
+        return self.executor.with_retries(lambda: self._ledger_on_work_conn().forecast_runs(
             self.spec.job.name, self.spec.target_name, self.spec.item_label, window=self._forecast_window(),
         ))
+
+    def _ledger_on_work_conn(self) -> Ledger:
+        """The ledger read through the current work connection (a new one after a reconnect)."""
+        return Ledger(self._work_conn(), self.spec.settings.state_schema)
 
     def _catalog_facts(self) -> tuple[dict[str, Any], bool]:
         """Read in one query: whether every `table` param names an existing relation (else fail
         clearly before doing anything), and what a unit may adapt its SQL to at render time (a
         SELECT naming a missing function or table fails when parsed): installed extensions, and
         whether the ledger tables exist yet (a dry run on a target that never ran a job has none)."""
-        assert self.conn is not None
         tables = [
             (name, value)
             for name, spec in self.unit.meta.params.items()
             if spec.type == "table" and isinstance(value := self.spec.params.get(name), QualifiedName)
         ]
         ledger = (self.spec.settings.state_schema, "finding")
-        extensions, (ledger_exists, *tables_exist) = db.catalog_facts(
-            self.conn, [ledger, *((value.schema, value.name) for _, value in tables)]
+        relations: list[tuple[str, ...]] = [ledger, *((value.schema, value.name) for _, value in tables)]
+        extensions, (ledger_exists, *tables_exist) = self.executor.with_retries(
+            lambda: db.catalog_facts(self._work_conn(), relations)
         )
         for (name, value), exists in zip(tables, tables_exist, strict=True):
             if not exists:

@@ -560,6 +560,40 @@ SELECT pg_backend_pid() AS pid, {{ params.n | bind }}::int AS n
     assert pids[0] != pids[1] == pids[2]  # a new backend for the second item, kept for the third
 
 
+def test_a_backend_that_ends_right_after_the_ledger_record_is_replaced(workspace: Workspace, db: Database) -> None:
+    # A restart or failover can land between any two queries of a run: also between its ledger
+    # record and its first look at the catalog (extensions, the ledger, the tables it names). The
+    # run takes a new connection and its lock again, as it does for its blocks' own queries.
+    from maintainer.project import load_project
+    from maintainer.runner import RunOptions, run
+
+    workspace.unit("whoami", """---
+description: report the backend
+---
+{% block discover %}
+SELECT pg_backend_pid() AS pid
+{% endblock %}
+""")
+    workspace.job("whoami", unit="whoami")
+    project = load_project(str(workspace.config))
+    backends: list[int] = []  # the work connection's, as each is made
+
+    def terminate_the_work_backend(ledger: object) -> None:
+        pid = backends[-1]
+        db.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        deadline = time.monotonic() + 10
+        while db.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = %s", (pid,)) != [(0,)]:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+
+    spec = project.run_specs(project.job("whoami"))[0]
+    result = run(spec, RunOptions(on_connect=lambda conn: backends.append(conn.info.backend_pid),
+                                  on_locked=terminate_the_work_backend))
+    assert result.status == "ok", result.error
+    assert len(backends) == 2 and result.findings[0]["pid"] == backends[1]
+    assert db.execute("SELECT status FROM maintainer.run") == [("ok",)]
+
+
 def test_prepared_catalog_queries_survive_ddl_and_a_changed_result_type_is_replanned(
     workspace: Workspace, db: Database
 ) -> None:
