@@ -181,13 +181,15 @@ class CheckIn:
         self.config = config
         self.check_in_id: str | None = None
         self._started = 0.0
+        self._starting = threading.Lock()  # the lanes of a job start it at once
 
     def start(self) -> None:
         """In progress: called by the lock holder only, once per run of the (job, target)."""
-        if self.check_in_id is None:
-            self._started = time.monotonic()
-            self.check_in_id = capture_checkin(monitor_slug=self.slug, status="in_progress",
-                                               monitor_config=self.config)
+        with self._starting:
+            if self.check_in_id is None:
+                self._started = time.monotonic()
+                self.check_in_id = capture_checkin(monitor_slug=self.slug, status="in_progress",
+                                                   monitor_config=self.config)
 
     def finish(self, ok: bool) -> None:
         if self.check_in_id is not None:

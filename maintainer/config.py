@@ -267,6 +267,8 @@ class Job(Strict):
     throttle: Annotated[Literal[False] | ThrottleOverride | None, BeforeValidator(_throttle_off)] = None
     params: dict[str, Any] = Field(default_factory=dict)
     items: list[dict[str, Any]] | None = None
+    # Items run in this many lanes per target, each with its own connections; their steps take turns.
+    lanes: int = Field(default=1, ge=1, le=8)
     source: Path | None = Field(default=None, exclude=True)
 
     @field_validator("name")

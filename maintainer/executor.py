@@ -10,6 +10,7 @@ connection when the work connection went down; only the final attempt's actions 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import time
 from collections.abc import Callable, Iterable
@@ -58,15 +59,19 @@ class Executor:
         max_attempts: int,
         backoff: Callable[[int], float],
         check_cancel: Callable[[], None],
+        turn: contextlib.AbstractContextManager[Any] | None = None,
     ) -> None:
         """`connection` gives the current work connection, `reconnect` replaces a broken one (with
         the run's lock and timeouts), `backoff(n)` is the wait after failed attempt n, and
-        `check_cancel` raises when the run must stop."""
+        `check_cancel` raises when the run must stop. `turn` is held while a transaction (or an
+        autocommitted statement) runs: the lanes of a job share one (see `Session.step_turn`), so
+        the target never runs two of their transactions at once."""
         self.connection = connection
         self.reconnect = reconnect
         self.max_attempts = max_attempts
         self.backoff = backoff
         self.check_cancel = check_cancel
+        self.turn = turn if turn is not None else contextlib.nullcontext()
         self.attempts = 0  # the most attempts any statement of the run needed
 
     def select(self, statement: Statement, *, read_only: bool) -> list[dict[str, Any]]:
@@ -98,11 +103,17 @@ class Executor:
                 attempt = functools.partial(self._one, group[0])
             else:
                 attempt = functools.partial(self._transaction, group)
+            attempt = functools.partial(self._in_turn, attempt)
             try:
                 done = done.then(self._retrying(attempt) if retry else attempt())
             except StatementsFailed as failed:
                 raise StatementsFailed(failed.error, done.actions + failed.actions) from None
         return done
+
+    def _in_turn(self, attempt: Callable[[], Executed]) -> Executed:
+        """One attempt, holding the turn (a backoff between attempts does not)."""
+        with self.turn:
+            return attempt()
 
     def with_retries(self, attempt: Callable[[], T]) -> T:
         """`attempt`, tried again after a transient error (lock timeout, deadlock, lost connection)

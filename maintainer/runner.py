@@ -9,6 +9,8 @@ steps without executing them, and writes nothing, not even the ledger.
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import contextlib
 import datetime as dt
 import functools
@@ -108,30 +110,86 @@ def run_all(
     Before the first item of a (job, target) whose unit has a `survey` block, the survey looks at
     all of that group's items in one query; the items it vouches for record its finding instead of
     running their own discovery (`runner` defaults to `run`; the daemon wraps it to track runs).
+
+    A job with `lanes: N` runs the items of each group in N lanes, each with a session of its own:
+    while one lane's transaction runs, the others take their next item's lock, record it, read the
+    catalog and render. The lanes' transactions on a target take turns (`Session.step_turn`), so
+    the target never runs two of the job's transactions at once.
     """
     sessions: dict[str, Session] = {}
     all_options = [options(spec) if callable(options) else options for spec in specs]
     surveyed: dict[int, Surveyed] = {}
     surveyed_groups: set[tuple[str, str]] = set()
-    results = []
+    results: list[RunResult | None] = [None] * len(specs)
+    groups: dict[tuple[str, str], list[int]] = {}
+    for number, spec in enumerate(specs):
+        groups.setdefault((spec.job.name, spec.target_name), []).append(number)
     try:
         for number, (spec, opts) in enumerate(zip(specs, all_options, strict=True)):
+            if results[number] is not None:
+                continue  # ran in lanes with the rest of its group
             if opts.cancel is not None and opts.cancel.is_set():
                 break
             session = sessions.setdefault(spec.target_name, Session())
             group = (spec.job.name, spec.target_name)
+            members = groups[group]
             if spec.unit.has_block("survey") and group not in surveyed_groups:
                 surveyed_groups.add(group)
-                members = [i for i, s in enumerate(specs) if (s.job.name, s.target_name) == group]
                 pairs = [(specs[i], all_options[i]) for i in members]
                 found = survey_items([s for s, _ in pairs], opts, session)
                 for index, settled in settle(pairs, found, session).items():
                     surveyed[members[index]] = settled
-            results.append((runner or run)(spec, opts, session=session, surveyed=surveyed.get(number)))
+            if spec.job.lanes > 1 and len(members) > 1:
+                lanes = _Lanes(specs, all_options, surveyed, runner or run, results)
+                lanes.run(members, session, spec.job.lanes)
+                continue
+            results[number] = (runner or run)(spec, opts, session=session, surveyed=surveyed.get(number))
     finally:
         for session in sessions.values():
             session.close()
-    return results
+    return [result for result in results if result is not None]
+
+
+@dataclass
+class _Lanes:
+    """The items of one (job, target) group, run by several lanes that take them in order."""
+
+    specs: list[RunSpec]
+    options: list[RunOptions]
+    surveyed: dict[int, Surveyed]
+    runner: Runner
+    results: list[RunResult | None]
+
+    def run(self, members: list[int], session: Session, lanes: int) -> None:
+        """Lane 1 is this thread with the group's `session`; the others get sessions of their own
+        that share its step turn, and end with the group."""
+        pending = collections.deque(members)
+        others = [Session(step_turn=session.step_turn) for _ in range(min(lanes, len(members)) - 1)]
+        try:
+            with concurrent.futures.ThreadPoolExecutor(max(len(others), 1), thread_name_prefix="lane") as pool:
+                futures = [pool.submit(self._lane, pending, own) for own in others]
+                self._lane(pending, session)
+                for future in futures:
+                    future.result()  # a lane's crash (a bug: runs never raise) is the caller's
+        finally:
+            for own in others:
+                own.close()
+
+    def _lane(self, pending: collections.deque[int], session: Session) -> None:
+        while True:
+            try:
+                number = pending.popleft()  # atomic: each item goes to one lane
+            except IndexError:
+                return
+            opts = self.options[number]
+            if opts.cancel is not None and opts.cancel.is_set():
+                return
+            try:
+                self.results[number] = self.runner(self.specs[number], opts, session=session,
+                                                   surveyed=self.surveyed.get(number))
+            except BaseException:
+                pending.clear()  # Ctrl-C, or a bug: the other lanes end with their current item
+                raise
 
 
 class Cancelled(Exception):
@@ -184,6 +242,7 @@ class _Run:
             max_attempts=spec.settings.defaults.max_attempts,
             backoff=functools.partial(retry_delay, spec),
             check_cancel=self._check_cancel,
+            turn=self.session.step_turn,
         )
 
     # -- top level ------------------------------------------------------------------------------

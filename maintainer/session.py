@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime as dt
 import random
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -29,7 +30,10 @@ class Session:
     through a pooler (`connect_retrying`), before anything runs on them.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, step_turn: threading.Lock | None = None) -> None:
+        # Held while a run's transaction (or autocommitted statement) of a step executes: the lanes
+        # of a job (see `runner.run_all`) share one, so those take turns while all else overlaps.
+        self.step_turn = step_turn or threading.Lock()
         self.conninfo: str | None = None
         self.conn: psycopg.Connection[Any] | None = None
         self.ledger_conn: psycopg.Connection[Any] | None = None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import subprocess
@@ -592,6 +593,42 @@ SELECT pg_backend_pid() AS pid
     assert result.status == "ok", result.error
     assert len(backends) == 2 and result.findings[0]["pid"] == backends[1]
     assert db.execute("SELECT status FROM maintainer.run") == [("ok",)]
+
+
+def test_lanes_overlap_items_but_their_steps_take_turns(workspace: Workspace, db: Database) -> None:
+    # `lanes: 2`: two sessions work through the items, in order; a step of one never runs while a
+    # step of the other does (each step notes when it ran, on which backend).
+    from maintainer.project import load_project
+    from maintainer.runner import RunOptions, run_all
+
+    db.execute("CREATE TABLE turns (item int, pid int, started timestamptz, ended timestamptz)")
+    workspace.unit("turns", """---
+description: a step that takes a while and notes when it ran
+params:
+  n: {type: integer, required: true}
+---
+{% block discover %}
+SELECT {{ params.n | bind }}::int AS n
+{% endblock %}
+{% block apply %}
+INSERT INTO turns VALUES ({{ params.n | bind }}, pg_backend_pid(), clock_timestamp(), NULL);
+SELECT pg_sleep(0.1);
+UPDATE turns SET ended = clock_timestamp() WHERE item = {{ params.n | bind }};
+{% endblock %}
+""")
+    workspace.job("turns", unit="turns", lanes=2, items=[{"n": n} for n in range(1, 7)])
+    project = load_project(str(workspace.config))
+
+    results = run_all(project.run_specs(project.job("turns")), RunOptions())
+
+    assert [(r.status, r.item) for r in results] == [("ok", {"n": n}) for n in range(1, 7)]
+    turns = db.execute("SELECT item, pid, started, ended FROM turns ORDER BY started")
+    assert sorted(item for item, *_ in turns) == list(range(1, 7))
+    assert len({pid for _, pid, *_ in turns}) == 2  # both lanes ran steps
+    for (_, _, _, ended), (_, _, started, _) in itertools.pairwise(turns):
+        assert started >= ended  # one step at a time
+    assert db.execute("SELECT count(*) FROM maintainer.run WHERE job = 'turns' AND status = 'ok'") == [(6,)]
+    assert db.execute("SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE 'pg-maintainer%'") == [(0,)]
 
 
 def test_prepared_catalog_queries_survive_ddl_and_a_changed_result_type_is_replanned(
