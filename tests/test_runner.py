@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -629,6 +630,42 @@ UPDATE turns SET ended = clock_timestamp() WHERE item = {{ params.n | bind }};
         assert started >= ended  # one step at a time
     assert db.execute("SELECT count(*) FROM maintainer.run WHERE job = 'turns' AND status = 'ok'") == [(6,)]
     assert db.execute("SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE 'pg-maintainer%'") == [(0,)]
+
+
+def test_lanes_stop_taking_items_once_cancelled(workspace: Workspace, db: Database) -> None:
+    # A shutdown (the cancel event) stops every lane after its current item; what ran is returned
+    # in item order and recorded.
+    from maintainer.project import load_project
+    from maintainer.runner import RunOptions, run, run_all
+
+    workspace.unit("slow", """---
+description: a step that takes a while
+params:
+  n: {type: integer, required: true}
+---
+{% block discover %}
+SELECT {{ params.n | bind }}::int AS n
+{% endblock %}
+{% block apply %}
+SELECT pg_sleep(0.05);
+{% endblock %}
+""")
+    workspace.job("slow", unit="slow", lanes=3, items=[{"n": n} for n in range(1, 31)])
+    project = load_project(str(workspace.config))
+    cancel = threading.Event()
+
+    def cancel_after_the_first(spec, options, *, session=None, surveyed=None):  # type: ignore[no-untyped-def]
+        result = run(spec, options, session=session, surveyed=surveyed)
+        cancel.set()
+        return result
+
+    results = run_all(project.run_specs(project.job("slow")), RunOptions(cancel=cancel), runner=cancel_after_the_first)
+
+    # the items the lanes had taken before the first one ended: a prefix of the 30, in order
+    ran = [r.item["n"] for r in results if r.item is not None]
+    assert 1 <= len(ran) < 10 and ran == list(range(1, len(ran) + 1)), ran
+    assert all(r.status == "ok" for r in results)
+    assert db.execute("SELECT count(*) FROM maintainer.run WHERE job = 'slow'") == [(len(ran),)]
 
 
 def test_prepared_catalog_queries_survive_ddl_and_a_changed_result_type_is_replanned(
