@@ -262,7 +262,7 @@ def main() -> int:
             for conn in (partman, ours_conn, laned.get("conn")):
                 if conn is not None:
                     conn.close()
-            for db in ("partman", "ours", "lanes"):
+            for db in ("partman", "ours", "lanes") if args.lanes > 1 else ("partman", "ours"):
                 admin.execute(f"DROP DATABASE IF EXISTS {db}")
                 admin.execute(f"CREATE DATABASE {db}")
             partman_db = psycopg.connect(cluster.dsn("partman"), autocommit=True)
@@ -317,7 +317,7 @@ def main() -> int:
             statuses = laned["tool"].run_all()
             assert set(statuses) == {"ok"}, statuses
 
-        # rounds on fresh parents, the two tools alternating first, so a busy moment of the
+        # rounds on fresh parents, the contenders taking turns to go first, so a busy moment of the
         # machine does not land on one of them only
         cold: dict[str, list[float]] = {"partman": [], "ours": [], "lanes": []}
         cpu: dict[str, list[tuple[float, float]]] = {"partman": [], "ours": [], "lanes": []}  # (client, server) seconds

@@ -45,6 +45,8 @@ from tests.debian import PackageUnavailable, apt_install
 REPO = Path(__file__).resolve().parent.parent
 POSTGRES_CONTEXT = Path(__file__).resolve().parent / "docker" / "postgres"
 POSTGRES_IMAGE = "pg-maintainer-test/postgres:15"
+#: Every engine's root is a temporary directory named so (see `private_engine`).
+ENGINE_ROOT_PREFIX = "pgm-docker-"
 
 #: The Debian release of the Dockerfile's base (python:3.11-slim-bookworm); its python3 is 3.11.
 SUITE = "bookworm"
@@ -328,7 +330,7 @@ def sweep_left_over_engines(log: Callable[[str], None] = print) -> None:
     172.17.0.2, and connections to its published port reach the dead one's namespace and are refused.
     A root whose dockerd is gone is ours to clear; one that is just being made (no pidfile yet, a
     minute old at most) or whose dockerd runs is left alone."""
-    for root in Path(tempfile.gettempdir()).glob("pgm-docker-*"):
+    for root in Path(tempfile.gettempdir()).glob(f"{ENGINE_ROOT_PREFIX}*"):
         with contextlib.suppress(OSError):
             if _is_running(root) or (not (root / "dockerd.pid").exists() and time.time() - root.stat().st_mtime < 60):
                 continue
@@ -563,7 +565,7 @@ def private_engine(log: Callable[[str], None] = print) -> Iterator[DockerEngine]
     """A started :class:`DockerEngine` in a fresh directory under the system temp dir (short paths:
     unix sockets allow 107 bytes); raises :class:`EngineUnavailable` when none can run."""
     sweep_left_over_engines(log)
-    root = Path(tempfile.mkdtemp(prefix="pgm-docker-"))
+    root = Path(tempfile.mkdtemp(prefix=ENGINE_ROOT_PREFIX))
     engine = DockerEngine(root, log=log)
     try:
         engine.start()

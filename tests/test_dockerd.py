@@ -47,7 +47,7 @@ def _a_process_naming(root: Path) -> subprocess.Popen[bytes]:
 @pytest.fixture
 def engine_root() -> Iterator[Path]:
     """An engine root with a container's network namespace kept by a bind mount, as dockerd keeps it."""
-    root = Path(tempfile.mkdtemp(prefix="pgm-docker-"))
+    root = Path(tempfile.mkdtemp(prefix=dockerd.ENGINE_ROOT_PREFIX))
     namespace = root / "exec" / "netns" / "0123456789ab"
     namespace.parent.mkdir(parents=True)
     namespace.touch()
@@ -81,7 +81,7 @@ def test_a_killed_engines_namespaces_and_processes_are_cleared(engine_root: Path
 def test_a_running_engine_and_one_being_made_are_left_alone(engine_root: Path) -> None:
     namespace = engine_root / "exec" / "netns" / "0123456789ab"
     dockerd_stand_in = _a_process_naming(engine_root)
-    being_made = Path(tempfile.mkdtemp(prefix="pgm-docker-"))  # no pidfile yet, made just now
+    being_made = Path(tempfile.mkdtemp(prefix=dockerd.ENGINE_ROOT_PREFIX))  # no pidfile yet, made just now
     try:
         (engine_root / "dockerd.pid").write_text(f"{dockerd_stand_in.pid}\n")
         os.utime(engine_root, (_AN_HOUR_AGO, _AN_HOUR_AGO))

@@ -596,6 +596,22 @@ SELECT pg_backend_pid() AS pid
     assert db.execute("SELECT status FROM maintainer.run") == [("ok",)]
 
 
+def numbered_unit(workspace: Workspace, name: str, apply: str) -> None:
+    """A unit whose items are numbered (`n`), finding one row each and running `apply` as its step."""
+    workspace.unit(name, f"""---
+description: a numbered item and its step
+params:
+  n: {{type: integer, required: true}}
+---
+{{% block discover %}}
+SELECT {{{{ params.n | bind }}}}::int AS n
+{{% endblock %}}
+{{% block apply %}}
+{apply.strip()}
+{{% endblock %}}
+""")
+
+
 def test_lanes_overlap_items_but_their_steps_take_turns(workspace: Workspace, db: Database) -> None:
     # `lanes: 2`: two sessions work through the items, in order; a step of one never runs while a
     # step of the other does (each step notes when it ran, on which backend).
@@ -603,19 +619,10 @@ def test_lanes_overlap_items_but_their_steps_take_turns(workspace: Workspace, db
     from maintainer.runner import RunOptions, run_all
 
     db.execute("CREATE TABLE turns (item int, pid int, started timestamptz, ended timestamptz)")
-    workspace.unit("turns", """---
-description: a step that takes a while and notes when it ran
-params:
-  n: {type: integer, required: true}
----
-{% block discover %}
-SELECT {{ params.n | bind }}::int AS n
-{% endblock %}
-{% block apply %}
+    numbered_unit(workspace, "turns", """
 INSERT INTO turns VALUES ({{ params.n | bind }}, pg_backend_pid(), clock_timestamp(), NULL);
 SELECT pg_sleep(0.1);
 UPDATE turns SET ended = clock_timestamp() WHERE item = {{ params.n | bind }};
-{% endblock %}
 """)
     workspace.job("turns", unit="turns", lanes=2, items=[{"n": n} for n in range(1, 7)])
     project = load_project(str(workspace.config))
@@ -638,18 +645,7 @@ def test_lanes_stop_taking_items_once_cancelled(workspace: Workspace, db: Databa
     from maintainer.project import load_project
     from maintainer.runner import RunOptions, run, run_all
 
-    workspace.unit("slow", """---
-description: a step that takes a while
-params:
-  n: {type: integer, required: true}
----
-{% block discover %}
-SELECT {{ params.n | bind }}::int AS n
-{% endblock %}
-{% block apply %}
-SELECT pg_sleep(0.05);
-{% endblock %}
-""")
+    numbered_unit(workspace, "slow", "SELECT pg_sleep(0.05);")
     workspace.job("slow", unit="slow", lanes=3, items=[{"n": n} for n in range(1, 31)])
     project = load_project(str(workspace.config))
     cancel = threading.Event()
